@@ -1,0 +1,18 @@
+#pragma once
+// Umbrella header: everything of mopt that runs on the CPU.
+#include "mopt/error.hpp"
+#include "mopt/tensor/dtype.hpp"
+#include "mopt/tensor/shape.hpp"
+#include "mopt/tensor/tensor.hpp"
+#include "mopt/tensor/arena.hpp"
+#include "mopt/tensor/eigen.hpp"
+#include "mopt/tensor/xview.hpp"
+#include "mopt/backend/cpu/parallel.hpp"
+#include "mopt/backend/cpu/gemm.hpp"
+#include "mopt/autodiff/parameter.hpp"
+#include "mopt/autodiff/tape.hpp"
+#include "mopt/autodiff/gradcheck.hpp"
+#include "mopt/autodiff/ops.hpp"
+#include "mopt/train/sgd.hpp"
+#include "mopt/train/adamw.hpp"
+#include "mopt/train/grad_clip.hpp"
