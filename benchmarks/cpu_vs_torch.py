@@ -70,13 +70,20 @@ def main():
     ap.add_argument("--bench", default="build/benchmarks/mopt_bench", help="path of the mopt_bench executable")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both sides")
     ap.add_argument("--out", help="write the Markdown table to this file")
+    ap.add_argument("--openblas-coretype", help="set OPENBLAS_CORETYPE for mopt (e.g. SkylakeX) where OpenBLAS "
+                    "misdetects the CPU; mopt_bench warns when it does")
     args = ap.parse_args()
     if not os.path.exists(args.bench):
         sys.exit(f"cpu_vs_torch: {args.bench} not found; build it with cmake --build --preset default")
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
-    out = subprocess.run([args.bench, "--benchmark_format=json", "--benchmark_min_time=0.5"], env=env,
-                         check=True, capture_output=True, text=True).stdout
+    if args.openblas_coretype:
+        env["OPENBLAS_CORETYPE"] = args.openblas_coretype
+    run = subprocess.run([args.bench, "--benchmark_format=json", "--benchmark_min_time=0.5"], env=env,
+                         check=True, capture_output=True, text=True)
+    sys.stderr.write(run.stderr)
+    out = run.stdout
+    context = json.loads(out)["context"]
     mopt = {b["name"]: b["real_time"] * {"ms": 1e-3, "us": 1e-6, "ns": 1e-9}[b["time_unit"]]
             for b in json.loads(out)["benchmarks"]}
 
@@ -88,7 +95,8 @@ def main():
         t = time_it(fn)
         rows.append(f"| {name} | {mopt[name] * 1e3:.3f} | {t * 1e3:.3f} | {t / mopt[name]:.2f} |")
     table = "\n".join(rows)
-    header = f"PyTorch {version} eager (CPU), {args.threads} threads; mopt {args.bench}"
+    header = (f"PyTorch {version} eager (CPU) vs mopt ({args.bench}), {args.threads} threads; "
+              f"OpenBLAS kernel {context.get('openblas_core', '?')}")
     print(header)
     print(table)
     if args.out:

@@ -1,10 +1,12 @@
 // Benchmarks of the CPU backend's hot paths: the GEMM behind every linear layer, a linear layer's
 // forward + backward through the tape, and causal attention forward + backward.
-// Counters report GFLOP/s (multiply-adds count as 2 FLOPs).
+// Counters report FLOP/s (a multiply-add counts as 2 FLOPs).
 #include <benchmark/benchmark.h>
 
 #include <mopt/mopt.hpp>
+#include <cstdio>
 #include <random>
+#include <string>
 
 using namespace mopt;
 using namespace mopt::autodiff;
@@ -17,10 +19,10 @@ Tensor random(Shape s, std::uint64_t seed) {
     for (float& v : t.span()) v = d(rng);
     return t;
 }
+// Reports FLOP/s (shown with an SI prefix, e.g. "FLOPS=198G/s").
 void gflops(benchmark::State& state, double flops_per_iteration) {
-    state.counters["GFLOP/s"] =
+    state.counters["FLOPS"] =
         benchmark::Counter(flops_per_iteration, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
-    state.counters["GFLOP/s"].value /= 1e9;
 }
 }  // namespace
 
@@ -73,4 +75,13 @@ static void BM_AttentionForwardBackward(benchmark::State& state) { attention_ben
 BENCHMARK(BM_AttentionForward)->Args({256, 8})->Args({512, 8})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_AttentionForwardBackward)->Args({256, 8})->Args({512, 8})->Unit(benchmark::kMillisecond);
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+    benchmark::Initialize(&argc, argv);
+    benchmark::AddCustomContext("openblas_core", backend::cpu::blas_core());
+    benchmark::AddCustomContext("omp_threads", std::to_string(backend::cpu::max_threads()));
+    if (const std::string warning = backend::cpu::blas_diagnostic(); !warning.empty())
+        std::fprintf(stderr, "mopt_bench: %s\n", warning.c_str());
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+    return 0;
+}

@@ -5,6 +5,9 @@
 // OpenBLAS must not be re-entered from many threads at once.
 #include <cblas.h>
 
+#include <string>
+#include <string_view>
+
 #include "mopt/backend/cpu/parallel.hpp"
 #include "mopt/tensor/eigen.hpp"
 
@@ -34,6 +37,32 @@ void eigen_product(const GemmArgs& g, const A& a, const B& b) {
     }
 }
 }  // namespace detail
+
+// The kernel OpenBLAS picked when it loaded (e.g. "SkylakeX", "Haswell", "Zen").
+[[nodiscard]] inline std::string blas_core() {
+    const char* name = openblas_get_corename();
+    return name ? name : "unknown";
+}
+
+// Empty, or a warning when OpenBLAS runs an older kernel than the CPU supports. Virtual machines
+// that hide the CPU model can make its run-time detection fall back to a pre-AVX2 core, which
+// measured 5x slower GEMMs; OPENBLAS_CORETYPE (set before the program starts) overrides it.
+[[nodiscard]] inline std::string blas_diagnostic() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const std::string core = blas_core();
+    bool old = false;
+    for (std::string_view legacy : {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Atom", "Barcelona",
+                                    "Opteron", "Sandybridge", "Bobcat", "Bulldozer", "Piledriver", "Katmai"})
+        old = old || core.find(legacy) != std::string::npos;
+    if (old && __builtin_cpu_supports("avx2")) {
+        const char* suggest = __builtin_cpu_supports("avx512f") ? "SkylakeX" : "Haswell";
+        return "OpenBLAS chose the '" + core + "' kernel on a CPU with AVX2" +
+               (__builtin_cpu_supports("avx512f") ? std::string("/AVX-512") : std::string()) +
+               "; set OPENBLAS_CORETYPE=" + suggest + " before starting the program for full GEMM speed";
+    }
+#endif
+    return {};
+}
 
 inline void gemm(const GemmArgs& g) {
     if (g.m == 0 || g.n == 0) return;
