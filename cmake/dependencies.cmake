@@ -11,6 +11,7 @@ endmacro()
 
 mopt_require(Eigen3 libeigen3-dev 3.3 NO_MODULE)
 mopt_require(xtensor xtensor-dev)
+mopt_require(xsimd libxsimd-dev)
 mopt_require(nlohmann_json nlohmann-json3-dev)
 mopt_require(OpenMP libgomp1)
 include(${CMAKE_CURRENT_LIST_DIR}/mopt-openblas.cmake)

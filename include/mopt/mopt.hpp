@@ -9,6 +9,7 @@
 #include "mopt/tensor/xview.hpp"
 #include "mopt/backend/cpu/parallel.hpp"
 #include "mopt/backend/cpu/gemm.hpp"
+#include "mopt/backend/cpu/vector_math.hpp"
 #include "mopt/autodiff/parameter.hpp"
 #include "mopt/autodiff/tape.hpp"
 #include "mopt/autodiff/gradcheck.hpp"

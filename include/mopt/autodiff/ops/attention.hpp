@@ -15,6 +15,7 @@
 
 #include "mopt/autodiff/ops/common.hpp"
 #include "mopt/backend/cpu/gemm.hpp"
+#include "mopt/backend/cpu/vector_math.hpp"
 
 namespace mopt::autodiff {
 
@@ -44,25 +45,20 @@ struct AttentionDims {
     [[nodiscard]] std::int64_t work_per_item() const { return group * seq_q * seq_k * head_dim * 4; }
 };
 
-// Row-wise softmax of the scaled scores over the visible keys; masked entries become exact zeros
-// so the backward and P Vᵀ need no mask. p: [T, S]
-inline void attention_softmax_rows(float* p, const AttentionDims& d) {
-    for (std::int64_t t = 0; t < d.seq_q; ++t) {
+// Row-wise softmax of the scaled scores over the visible keys for query rows [t0, t0 + rows);
+// masked entries become exact zeros so the backward and P V need no mask. p: rows of [T, S]
+inline void attention_softmax_rows(float* p, const AttentionDims& d, std::int64_t t0, std::int64_t rows) {
+    for (std::int64_t t = 0; t < rows; ++t) {
         float* row = p + t * d.seq_k;
-        const std::int64_t lim = d.visible(t);
-        // Subtracting the row max keeps exp() in range (stable softmax).
-        float mx = -std::numeric_limits<float>::infinity();
-        for (std::int64_t j = 0; j < lim; ++j) mx = std::max(mx, row[j]);
-        float total = 0.0f;
-        for (std::int64_t j = 0; j < lim; ++j) {
-            row[j] = std::exp(row[j] - mx);
-            total += row[j];
-        }
-        const float inv = 1.0f / total;
-        for (std::int64_t j = 0; j < lim; ++j) row[j] *= inv;
+        const std::int64_t lim = d.visible(t0 + t);
+        backend::cpu::softmax_row(row, lim);  // stable: subtracts the row max
         std::fill(row + lim, row + d.seq_k, 0.0f);
     }
 }
+
+// Query rows per block: small enough that blocks follow the causal diagonal closely, large
+// enough that each block's GEMMs stay efficient.
+inline constexpr std::int64_t attention_block = 64;
 
 inline AttentionDims attention_dims(const Node& n, const Tensor& q, const Tensor& k) {
     return {q.dim(0), q.dim(1), k.dim(1), q.dim(2), k.dim(2), q.dim(3), q.dim(2) / k.dim(2),
@@ -97,30 +93,35 @@ inline void attention_backward(Tape& tape, Node& n) {
             const std::int64_t h = kvh * d.group + g;
             const float* p = prob + (b * d.heads + h) * T * S;
             const float* go = grad_out + b * T * ldq + h * Dh;
-            if (dv)  // dV += Pᵀ dO
-                gemm({.trans_a = true, .m = S, .n = Dh, .k = T, .beta = 1.0f, .a = p, .lda = S, .b = go, .ldb = ldq,
-                      .c = dv + b * S * ldk + kvh * Dh, .ldc = ldk});
-            if (!need_ds) continue;
-            // dP = dO Vᵀ
-            gemm({.trans_b = true, .m = T, .n = S, .k = Dh, .a = go, .lda = ldq, .b = vb, .ldb = ldk, .c = ds,
-                  .ldc = S});
-            // Softmax backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)); masked P are zero, so is their dS.
-            for (std::int64_t t = 0; t < T; ++t) {
-                const float* pr = p + t * S;
-                float* dr = ds + t * S;
-                const std::int64_t lim = d.visible(t);
-                float dot = 0.0f;
-                for (std::int64_t j = 0; j < lim; ++j) dot += pr[j] * dr[j];
-                for (std::int64_t j = 0; j < lim; ++j) dr[j] = pr[j] * (dr[j] - dot);
-                std::fill(dr + lim, dr + S, 0.0f);
+            const float* qh = q.f32() + b * T * ldq + h * Dh;
+            for (std::int64_t t0 = 0; t0 < T; t0 += attention_block) {
+                const std::int64_t rows = std::min(attention_block, T - t0), kv = d.visible(t0 + rows - 1);
+                const float* pb = p + t0 * S;
+                if (dv)  // dV += Pᵀ dO
+                    gemm({.trans_a = true, .m = kv, .n = Dh, .k = rows, .beta = 1.0f, .a = pb, .lda = S,
+                          .b = go + t0 * ldq, .ldb = ldq, .c = dv + b * S * ldk + kvh * Dh, .ldc = ldk});
+                if (!need_ds) continue;
+                float* dsb = ds + t0 * S;
+                // dP = dO Vᵀ
+                gemm({.trans_b = true, .m = rows, .n = kv, .k = Dh, .a = go + t0 * ldq, .lda = ldq, .b = vb,
+                      .ldb = ldk, .c = dsb, .ldc = S});
+                // Softmax backward: dS = P ⊙ (dP − rowsum(dP ⊙ P)); masked P are zero, so is their dS.
+                for (std::int64_t t = 0; t < rows; ++t) {
+                    const float* pr = pb + t * S;
+                    float* dr = dsb + t * S;
+                    const std::int64_t lim = d.visible(t0 + t);
+                    float dot = 0.0f;
+                    for (std::int64_t j = 0; j < lim; ++j) dot += pr[j] * dr[j];
+                    for (std::int64_t j = 0; j < lim; ++j) dr[j] = pr[j] * (dr[j] - dot);
+                    std::fill(dr + lim, dr + kv, 0.0f);
+                }
+                if (dq)  // dQ += scale · dS K
+                    gemm({.m = rows, .n = Dh, .k = kv, .alpha = d.scale, .beta = 1.0f, .a = dsb, .lda = S, .b = kb,
+                          .ldb = ldk, .c = dq + b * T * ldq + h * Dh + t0 * ldq, .ldc = ldq});
+                if (dk)  // dK += scale · dSᵀ Q
+                    gemm({.trans_a = true, .m = kv, .n = Dh, .k = rows, .alpha = d.scale, .beta = 1.0f, .a = dsb,
+                          .lda = S, .b = qh + t0 * ldq, .ldb = ldq, .c = dk + b * S * ldk + kvh * Dh, .ldc = ldk});
             }
-            if (dq)  // dQ += scale · dS K
-                gemm({.m = T, .n = Dh, .k = S, .alpha = d.scale, .beta = 1.0f, .a = ds, .lda = S, .b = kb,
-                      .ldb = ldk, .c = dq + b * T * ldq + h * Dh, .ldc = ldq});
-            if (dk)  // dK += scale · dSᵀ Q
-                gemm({.trans_a = true, .m = S, .n = Dh, .k = T, .alpha = d.scale, .beta = 1.0f, .a = ds, .lda = S,
-                      .b = q.f32() + b * T * ldq + h * Dh, .ldb = ldq, .c = dk + b * S * ldk + kvh * Dh,
-                      .ldc = ldk});
         }
     });
 }
@@ -172,13 +173,20 @@ inline Var attention(const Var& q, const Var& k, const Var& v, AttentionOptions 
         for (std::int64_t g = 0; g < d.group; ++g) {
             const std::int64_t h = kvh * d.group + g;
             float* p = keep_p ? prob.f32() + (b * d.heads + h) * T * S : prob.f32() + item * T * S;
-            // Scores = scale · Q Kᵀ, then the masked softmax in place.
-            gemm({.trans_b = true, .m = T, .n = S, .k = Dh, .alpha = scale, .a = tq.f32() + b * T * ldq + h * Dh,
-                  .lda = ldq, .b = kb, .ldb = ldk, .c = p, .ldc = S});
-            ops_detail::attention_softmax_rows(p, d);
-            // O = P V
-            gemm({.m = T, .n = Dh, .k = S, .a = p, .lda = S, .b = vb, .ldb = ldk, .c = out.f32() + b * T * ldq + h * Dh,
-                  .ldc = ldq});
+            const float* qh = tq.f32() + b * T * ldq + h * Dh;
+            float* oh = out.f32() + b * T * ldq + h * Dh;
+            // Query blocks multiply only the keys they can see: a causal mask halves the work.
+            for (std::int64_t t0 = 0; t0 < T; t0 += ops_detail::attention_block) {
+                const std::int64_t rows = std::min(ops_detail::attention_block, T - t0), kv = d.visible(t0 + rows - 1);
+                float* pb = p + t0 * S;
+                // Scores = scale · Q Kᵀ, then the masked softmax in place.
+                gemm({.trans_b = true, .m = rows, .n = kv, .k = Dh, .alpha = scale, .a = qh + t0 * ldq, .lda = ldq,
+                      .b = kb, .ldb = ldk, .c = pb, .ldc = S});
+                ops_detail::attention_softmax_rows(pb, d, t0, rows);
+                // O = P V
+                gemm({.m = rows, .n = Dh, .k = kv, .a = pb, .lda = S, .b = vb, .ldb = ldk, .c = oh + t0 * ldq,
+                      .ldc = ldq});
+            }
         }
     });
 

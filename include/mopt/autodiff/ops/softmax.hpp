@@ -11,6 +11,7 @@
 #include <string>
 
 #include "mopt/autodiff/ops/common.hpp"
+#include "mopt/backend/cpu/vector_math.hpp"
 
 namespace mopt::autodiff {
 
@@ -72,7 +73,8 @@ inline void cross_entropy_backward(Tape& tape, Node& n) {
         float* dxr = gx + r * vocab;
         // (x − max) is exact for logits of similar magnitude, so large logits lose nothing here.
         const float row_max = stats[2 * r], log_sum = stats[2 * r + 1];
-        for (std::int64_t j = 0; j < vocab; ++j) dxr[j] += scale * std::exp((xr[j] - row_max) - log_sum);
+        auto dx = flat(dxr, 0, vocab);
+        dx += scale * xt::exp((flat(xr, 0, vocab) - row_max) - log_sum);
         dxr[t] -= scale;
     });
 }
@@ -92,14 +94,8 @@ inline Var softmax(const Var& x) {
     ops_detail::parallel_for(rows, 8 * cols, [&](std::int64_t r) {
         const float* xr = px + r * cols;
         float* yr = py + r * cols;
-        const float row_max = *std::max_element(xr, xr + cols);
-        double sum = 0.0;
-        for (std::int64_t j = 0; j < cols; ++j) {
-            yr[j] = std::exp(xr[j] - row_max);
-            sum += yr[j];
-        }
-        const float inv = static_cast<float>(1.0 / sum);
-        for (std::int64_t j = 0; j < cols; ++j) yr[j] *= inv;
+        std::copy_n(xr, cols, yr);
+        backend::cpu::softmax_row(yr, cols);
     });
     return tape.record("softmax", out, {x}, &ops_detail::softmax_backward);
 }
