@@ -17,3 +17,6 @@
 #include "mopt/train/sgd.hpp"
 #include "mopt/train/adamw.hpp"
 #include "mopt/train/grad_clip.hpp"
+#include "mopt/io/safetensors.hpp"
+#include "mopt/io/llama2c.hpp"
+#include "mopt/data/llama2c_tokenizer.hpp"
