@@ -27,3 +27,25 @@ TEST_CASE("gradcheck catches a wrong backward", "[grad]") {
     REQUIRE(good.ok);
     REQUIRE(good.checked == 12);
 }
+
+namespace {
+// The custom op of docs/tutorial.md, compiled here so the tutorial stays true.
+// y = x³. x: any shape -> same shape
+Var cube(const Var& x) {
+    Tape& tape = x.tape();
+    Tensor y = tape.alloc(x.shape());
+    for (std::int64_t i = 0; i < y.numel(); ++i) y.at(i) = std::pow(x.value().at(i), 3.0f);
+    return tape.record("cube", y, {x}, [](Tape& t, Node& n) {
+        if (!t.wants_grad(n, 0)) return;
+        const Tensor& in = t.value_of(n, 0);
+        Tensor& g = t.grad_of(n, 0);
+        for (std::int64_t i = 0; i < g.numel(); ++i) g.at(i) += 3.0f * in.at(i) * in.at(i) * n.grad.at(i);
+    });
+}
+}  // namespace
+
+TEST_CASE("the tutorial's user-defined op passes gradcheck", "[grad]") {
+    auto r = gradcheck([](Tape&, std::span<const Var> v) { return cube(v[0]); }, {Tensor::full({3, 4}, 0.7f)});
+    INFO(r);
+    REQUIRE(r.ok);
+}
