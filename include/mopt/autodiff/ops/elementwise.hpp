@@ -119,11 +119,19 @@ inline Var reshape(const Var& x, Shape shape) {
 inline Var sum(const Var& x) {
     Tape& tape = x.tape();
     Tensor out = tape.alloc(Shape{});
-    out.f32()[0] = xt::sum(flat(x.value()), xt::evaluation_strategy::immediate)();
-    return tape.record("sum", out, {x}, [](Tape& t, Node& n) {
-        if (!t.wants_grad(n, 0)) return;
-        auto g = flat(t.grad_of(n, 0));
-        g += n.grad.f32()[0];
+    const float* p = x.value().f32();
+    const std::int64_t n = x.value().numel();
+    double total = 0.0;  // double: a float running sum loses digits over millions of terms
+#pragma omp parallel for reduction(+ : total) schedule(static) if (n >= (1 << 16) && !backend::cpu::in_parallel_region())
+    for (std::int64_t i = 0; i < n; ++i) total += p[i];
+    out.f32()[0] = static_cast<float>(total);
+    return tape.record("sum", out, {x}, [](Tape& t, Node& nd) {
+        if (!t.wants_grad(nd, 0)) return;
+        float* g = t.grad_of(nd, 0).f32();
+        const float gy = nd.grad.f32()[0];
+        ops_detail::parallel_chunks(t.value_of(nd, 0).numel(), [&](std::int64_t b, std::int64_t e) {
+            flat(g, b, e) += gy;
+        });
     });
 }
 
