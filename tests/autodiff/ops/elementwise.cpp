@@ -45,3 +45,17 @@ TEST_CASE("element-wise shape mismatches name both shapes and the op", "[element
     REQUIRE_THROWS_WITH(add(a, b), Catch::Contains("add") && Catch::Contains("[2, 3]") && Catch::Contains("[3, 2]"));
     REQUIRE_THROWS_WITH(mul(a, tape.constant(Tensor::zeros({2}))), Catch::Contains("mul"));
 }
+
+TEST_CASE("scale_rows multiplies each row by its scalar; gradients to both", "[grad][elementwise]") {
+    auto seed = GENERATE(1, 2);
+    Tensor x = random_tensor({2, 3, 5}, seed), s = random_tensor({6}, seed + 5);
+    auto r = gradcheck([](Tape&, std::span<const Var> v) { return scale_rows(v[0], v[1]); }, {x, s});
+    INFO(r);
+    REQUIRE(r.ok);
+    Tape tape;
+    Var y = scale_rows(tape.constant(x), tape.constant(s));
+    for (std::int64_t row = 0; row < 6; ++row)
+        for (std::int64_t j = 0; j < 5; ++j) REQUIRE(y.value().at(row * 5 + j) == s.at(row) * x.at(row * 5 + j));
+    REQUIRE_THROWS_WITH(scale_rows(tape.constant(x), tape.constant(random_tensor({5}, 1))),
+                        Catch::Contains("scale_rows") && Catch::Contains("6 rows"));
+}

@@ -237,3 +237,20 @@ TEST_CASE("cross_entropy errors name the op, the shapes and the bad target", "[s
                             Catch::Contains("cross_entropy") && Catch::Contains("ignore_index"));
     }
 }
+
+TEST_CASE("logsumexp matches a double reference, stays finite at ±1e4, gradient is softmax", "[grad][softmax]") {
+    Tensor x = random_tensor({3, 7}, 4, -3.0f, 3.0f);
+    Tape tape;
+    Var y = logsumexp(tape.constant(x));
+    REQUIRE(y.shape() == Shape{3, 1});
+    for (std::int64_t r = 0; r < 3; ++r) {
+        double s = 0.0;
+        for (std::int64_t j = 0; j < 7; ++j) s += std::exp(double(x.at(r * 7 + j)));
+        REQUIRE(y.value().at(r) == Approx(std::log(s)).epsilon(1e-6));
+    }
+    Tensor big = Tensor::from({2}, std::vector<float>{1e4f, 1e4f});
+    REQUIRE(logsumexp(tape.constant(big)).item() == Approx(1e4 + std::log(2.0)).epsilon(1e-7));
+    auto r = gradcheck([](Tape&, std::span<const Var> v) { return logsumexp(v[0]); }, {x});
+    INFO(r);
+    REQUIRE(r.ok);
+}

@@ -105,6 +105,46 @@ inline Var scale(const Var& x, float s) {
     return y;
 }
 
+// Each row of x times its own scalar: y[r, :] = s[r] · x[r, :] (a router's gate value applied to
+// the expert output of its token). x: [..., d], s: [rows of x] (any shape with that many elements)
+inline Var scale_rows(const Var& x, const Var& s) {
+    const Tensor& tx = x.value();
+    const Tensor& ts = s.value();
+    check(tx.rank() >= 1 && ts.numel() == tx.shape().rows(), "scale_rows: x of shape ", tx.shape(), " has ",
+          tx.rank() >= 1 ? tx.shape().rows() : 0, " rows but s of shape ", ts.shape(), " has ", ts.numel(),
+          " scalars");
+    Tape& tape = x.tape();
+    Tensor out = tape.alloc(tx.shape());
+    const std::int64_t d = tx.shape().back();
+    ops_detail::parallel_for(tx.shape().rows(), d, [&](std::int64_t r) {
+        const float sr = ts.f32()[r];
+        const float* xr = tx.f32() + r * d;
+        float* yr = out.f32() + r * d;
+        for (std::int64_t j = 0; j < d; ++j) yr[j] = sr * xr[j];
+    });
+    return tape.record("scale_rows", out, {x, s}, [](Tape& t, Node& n) {
+        const Tensor& xv = t.value_of(n, 0);
+        const Tensor& sv = t.value_of(n, 1);
+        const std::int64_t dd = xv.shape().back(), rows = xv.shape().rows();
+        const float* g = n.grad.f32();
+        float* gx = t.wants_grad(n, 0) ? t.grad_of(n, 0).f32() : nullptr;
+        float* gs = t.wants_grad(n, 1) ? t.grad_of(n, 1).f32() : nullptr;
+        ops_detail::parallel_for(rows, dd, [&](std::int64_t r) {
+            const float* gr = g + r * dd;
+            if (gx != nullptr) {
+                const float sr = sv.f32()[r];
+                for (std::int64_t j = 0; j < dd; ++j) gx[r * dd + j] += sr * gr[j];
+            }
+            if (gs != nullptr) {
+                const float* xr = xv.f32() + r * dd;
+                double dot = 0.0;
+                for (std::int64_t j = 0; j < dd; ++j) dot += static_cast<double>(gr[j]) * xr[j];
+                gs[r] += static_cast<float>(dot);
+            }
+        });
+    });
+}
+
 // The same elements with new extents (no copy). x: any shape -> shape (same numel)
 inline Var reshape(const Var& x, Shape shape) {
     Tape& tape = x.tape();

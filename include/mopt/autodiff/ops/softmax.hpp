@@ -100,6 +100,36 @@ inline Var softmax(const Var& x) {
     return tape.record("softmax", out, {x}, &ops_detail::softmax_backward);
 }
 
+// log Σ_j exp(x_j) over the last axis, computed as max + log Σ exp(x − max); the router z-loss of
+// Zoph et al. (ST-MoE) squares it. x: [..., n] -> [..., 1]
+inline Var logsumexp(const Var& x) {
+    const Tensor& tx = x.value();
+    check(tx.rank() >= 1 && tx.shape().back() > 0, "logsumexp: input must have a non-empty last axis, got shape ",
+          tx.shape());
+    const std::int64_t cols = tx.shape().back(), rows = tx.shape().rows();
+    Tape& tape = x.tape();
+    Tensor out = tape.alloc(tx.shape().with(-1, 1));
+    ops_detail::parallel_for(rows, 8 * cols, [&](std::int64_t r) {
+        const float* xr = tx.f32() + r * cols;
+        const float m = *std::max_element(xr, xr + cols);
+        double acc = 0.0;
+        for (std::int64_t j = 0; j < cols; ++j) acc += std::exp(static_cast<double>(xr[j] - m));
+        out.f32()[r] = m + static_cast<float>(std::log(acc));
+    });
+    return tape.record("logsumexp", out, {x}, [](Tape& t, Node& n) {
+        if (!t.wants_grad(n, 0)) return;
+        const Tensor& xv = t.value_of(n, 0);
+        const std::int64_t c = xv.shape().back(), rws = xv.shape().rows();
+        float* gx = t.grad_of(n, 0).f32();
+        // d lse / d x_j = softmax(x)_j
+        ops_detail::parallel_for(rws, 8 * c, [&](std::int64_t r) {
+            const float* xr = xv.f32() + r * c;
+            const float lse = n.value.f32()[r], g = n.grad.f32()[r];
+            for (std::int64_t j = 0; j < c; ++j) gx[r * c + j] += g * std::exp(xr[j] - lse);
+        });
+    });
+}
+
 // Fused log-softmax + negative log-likelihood, mean over the targets that are not ignore_index:
 // L = (1/count) Σ_r [log Σ_j exp(x_rj) − x_r,t_r]. Fusing avoids materialising log-probabilities
 // [rows, V]; the per-row log-sum-exp is split as max + log Σ exp(x − max) so it stays exact for
