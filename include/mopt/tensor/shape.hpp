@@ -29,7 +29,8 @@ public:
     [[nodiscard]] int rank() const { return rank_; }
     [[nodiscard]] std::int64_t operator[](int i) const { return dims_[index(i)]; }
     [[nodiscard]] std::int64_t& operator[](int i) { return dims_[index(i)]; }
-    [[nodiscard]] std::int64_t back() const { return dims_[rank_ - 1]; }
+    // The last extent; a scalar (rank 0) is one row of one element.
+    [[nodiscard]] std::int64_t back() const { return rank_ == 0 ? 1 : dims_[rank_ - 1]; }
 
     [[nodiscard]] std::int64_t numel() const {
         std::int64_t n = 1;
