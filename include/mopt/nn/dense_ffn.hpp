@@ -24,7 +24,9 @@ struct SwiGLU {
 struct GELU {
     static constexpr const char* name = "GELU";
     static constexpr bool gated = false;
-    static constexpr const char* hf_act = "gelu";
+    // The op is the tanh approximation (autodiff::gelu); in Hugging Face configs "gelu" names
+    // the exact erf form, so the tanh form must be written as "gelu_pytorch_tanh".
+    static constexpr const char* hf_act = "gelu_pytorch_tanh";
 };
 struct ReLU {
     static constexpr const char* name = "ReLU";
