@@ -50,6 +50,24 @@ def torch_cases(threads):
 
         cases[f"BM_AttentionForward/{T}/{H}"] = fwd
         cases[f"BM_AttentionForwardBackward/{T}/{H}"] = fwdbwd
+    # Whole-model forward, as mopt_bench's BM_TransformerForward: Hugging Face LlamaForCausalLM and,
+    # for the Switch model, MixtralForCausalLM with 8 experts and top-1 routing (the same compute),
+    # eager attention, batch 4 × 256, evaluation mode under no_grad.
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    ids = torch.randint(0, 4096, (4, 256), generator=g)
+    for layers in (2, 6):
+        for switch in (0, 1):
+            common = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
+                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                          attn_implementation="eager")
+            model = (MixtralForCausalLM(MixtralConfig(num_local_experts=8, num_experts_per_tok=1, **common))
+                     if switch else LlamaForCausalLM(LlamaConfig(**common))).eval()
+
+            def fwd(model=model):
+                with torch.no_grad():
+                    model(input_ids=ids)
+
+            cases[f"BM_TransformerForward/{layers}/{switch}"] = fwd
     return cases, torch.__version__
 
 

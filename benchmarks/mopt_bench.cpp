@@ -75,6 +75,43 @@ static void BM_AttentionForwardBackward(benchmark::State& state) { attention_ben
 BENCHMARK(BM_AttentionForward)->Args({256, 8})->Args({512, 8})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_AttentionForwardBackward)->Args({256, 8})->Args({512, 8})->Unit(benchmark::kMillisecond);
 
+// Whole-model forward (evaluation, under NoGrad): a Llama-shaped model of `layers` layers, d=256,
+// 8 heads, SwiGLU 688, vocabulary 4096, batch 4 × 256 tokens; `switch` replaces every layer's
+// feed-forward by 8 Switch experts (top-1). Reports tokens/s.
+namespace {
+nn::ModelConfig bench_config(std::int64_t layers, bool with_experts) {
+    nn::ModelConfig c{.vocab_size = 4096, .d_model = 256, .n_layers = layers, .n_heads = 8, .d_ff = 688, .max_seq = 256};
+    if (with_experts) c.num_experts = 8;
+    return c;
+}
+template <class Model>
+void forward_bench(benchmark::State& state, Model& model) {
+    const std::int64_t B = 4, T = 256;
+    Tensor ids = Tensor::empty({B, T}, DType::i32);
+    std::mt19937_64 rng(9);
+    for (auto& v : ids.span<std::int32_t>()) v = static_cast<std::int32_t>(rng() % 4096);
+    Tape tape;
+    NoGrad no_grad;
+    for (auto _ : state) {
+        tape.reset();
+        nn::ForwardOutput out = model.forward(tape, ids);
+        benchmark::DoNotOptimize(out.logits.value().raw());
+    }
+    state.counters["tokens"] = benchmark::Counter(static_cast<double>(B * T), benchmark::Counter::kIsIterationInvariantRate);
+}
+}  // namespace
+static void BM_TransformerForward(benchmark::State& state) {
+    const std::int64_t layers = state.range(0);
+    if (state.range(1) == 0) {
+        nn::Transformer<nn::Llama> model(bench_config(layers, false), 1);
+        forward_bench(state, model);
+    } else {
+        nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryLayer>> model(bench_config(layers, true), 1);
+        forward_bench(state, model);
+    }
+}
+BENCHMARK(BM_TransformerForward)->Args({2, 0})->Args({6, 0})->Args({2, 1})->Args({6, 1})->Unit(benchmark::kMillisecond);
+
 int main(int argc, char** argv) {
     benchmark::Initialize(&argc, argv);
     benchmark::AddCustomContext("openblas_core", backend::cpu::blas_core());
