@@ -61,7 +61,11 @@ struct SwitchFFN {
         Layer() = default;
         // prefix: "model.layers.3"
         Layer(const std::string& prefix, std::int64_t layer_, const ModelConfig& c, std::mt19937_64& rng)
-            : moe(c.has_experts(layer_)), layer(layer_), top_k(c.experts_per_token),
+            // The type's Placement decides where experts sit, not config.expert_interval (which
+            // only Transformer keeps in step with it): a layer built on its own must not put
+            // experts in layer 0 of an EveryOtherLayer model.
+            : moe(c.num_experts > 0 && layer_ % Placement::interval == Placement::interval - 1), layer(layer_),
+              top_k(c.experts_per_token),
               capacity_factor(c.capacity_factor), aux_loss_coef(c.aux_loss_coef), z_loss_coef(c.z_loss_coef) {
             if (!moe) {
                 dense = Mlp<Act>(MlpNames::llama(prefix + ".mlp"), c, rng);
