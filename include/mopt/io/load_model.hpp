@@ -1,0 +1,44 @@
+#pragma once
+// load_model: one entry point for the checkpoints mopt reads, chosen by what the path is —
+//   a llama2.c checkpoint "*.bin"                    -> import_llama2c<Model>(path)
+//   a Hugging Face folder, or its config.json        -> load_hf<Model>(folder)
+// Anything else is a mopt::Error naming the path.
+#include <filesystem>
+#include <string>
+#include <system_error>
+
+#include "mopt/error.hpp"
+#include "mopt/io/llama2c_import.hpp"
+
+#if __has_include("mopt/io/hf_checkpoint.hpp")
+#include "mopt/io/hf_checkpoint.hpp"
+#define MOPT_LOAD_MODEL_HAS_HF 1
+#else
+#define MOPT_LOAD_MODEL_HAS_HF 0
+#endif
+
+namespace mopt::io {
+
+template <class Model>
+Model load_model(const std::filesystem::path& path) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    check(fs::exists(path, ec), "load_model: ", path, " does not exist");
+    if (fs::is_regular_file(path, ec) && path.extension() == ".bin") return import_llama2c<Model>(path);
+    const bool is_dir = fs::is_directory(path, ec);
+    if (is_dir || (fs::is_regular_file(path, ec) && path.filename() == "config.json")) {
+        const fs::path dir = is_dir ? path : path.parent_path();
+#if MOPT_LOAD_MODEL_HAS_HF
+        return load_hf<Model>(dir.empty() ? fs::path(".") : dir);
+#else
+        throw Error(mopt::detail::concat("load_model: ", path,
+                                         " is a Hugging Face checkpoint, but this build has no "
+                                         "mopt/io/hf_checkpoint.hpp to read it"));
+#endif
+    }
+    throw Error(mopt::detail::concat("load_model: ", path,
+                                     " is neither a llama2.c checkpoint (*.bin) nor a Hugging Face checkpoint "
+                                     "(a folder with config.json, or the config.json itself)"));
+}
+
+}  // namespace mopt::io
