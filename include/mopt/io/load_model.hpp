@@ -2,10 +2,13 @@
 // load_model: one entry point for the checkpoints mopt reads, chosen by what the path is —
 //   a llama2.c checkpoint "*.bin"                    -> import_llama2c<Model>(path)
 //   a Hugging Face folder, or its config.json        -> load_hf<Model>(folder)
-// Anything else is a mopt::Error naming the path.
+// Anything else is a mopt::Error naming the path. tokenizer_next_to finds the tokenizer file that
+// usually comes with a checkpoint.
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <system_error>
+#include <vector>
 
 #include "mopt/error.hpp"
 #include "mopt/io/llama2c_import.hpp"
@@ -39,6 +42,27 @@ Model load_model(const std::filesystem::path& path) {
     throw Error(mopt::detail::concat("load_model: ", path,
                                      " is neither a llama2.c checkpoint (*.bin) nor a Hugging Face checkpoint "
                                      "(a folder with config.json, or the config.json itself)"));
+}
+
+// The tokenizer stored beside a checkpoint, or an empty path when there is none:
+//   llama2.c "x.bin"  -> tok{vocab_size}.bin (llama2.c's name for a custom vocabulary, e.g. tok512.bin),
+//                        else tokenizer.bin (its default Llama 2 tokenizer) in the same folder;
+//   Hugging Face dir  -> tokenizer.model (SentencePiece) in the folder.
+inline std::filesystem::path tokenizer_next_to(const std::filesystem::path& model, std::int64_t vocab_size) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    const bool is_dir = fs::is_directory(model, ec);
+    const fs::path dir = is_dir ? model : model.parent_path();
+    std::vector<fs::path> candidates;
+    if (!is_dir && model.extension() == ".bin") {
+        candidates.push_back(dir / ("tok" + std::to_string(vocab_size) + ".bin"));
+        candidates.push_back(dir / "tokenizer.bin");
+    } else {
+        candidates.push_back(dir / "tokenizer.model");
+    }
+    for (const fs::path& p : candidates)
+        if (fs::is_regular_file(p, ec)) return p;
+    return {};
 }
 
 }  // namespace mopt::io
