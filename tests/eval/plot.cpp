@@ -664,6 +664,15 @@ TEST_CASE("plot: the bitmap font has a distinct glyph for each printable charact
             CHECK((img.at(3 + 2 * gx + 1, 2 + 2 * gy + 1) == Rgb{0, 0, 0}) == on);
         }
     CHECK(detail::plot::text_width("A1", 2) == 22);
+    for (int max_px : {0, 10, 11, 23, 35, 60, 400})
+        for (int scale : {1, 2, 3}) {
+            const std::string long_label = "a rather long legend label \xc3\xa9\xc3\xa9 with UTF-8";
+            const std::string cut = detail::plot::fit_text(long_label, max_px, scale);
+            INFO("max_px " << max_px << " scale " << scale << ": '" << cut << "'");
+            CHECK(detail::plot::text_width(cut, scale) <= max_px);
+            if (cut != long_label && !cut.empty()) CHECK(cut.substr(cut.size() - 2) == "..");
+            if (max_px >= 11 * scale) CHECK(!cut.empty());  // ".." fits
+        }
     CHECK(detail::plot::text_width("\xc3\xa9t\xc3\xa9", 1) == detail::plot::text_width("?t?", 1));  // UTF-8: one glyph each
 }
 
@@ -722,4 +731,54 @@ TEST_CASE("plot: bad input throws mopt::Error naming what is wrong", "[plot]") {
     CHECK(dir.count() == 1);
     CHECK(decode_file(dir.path / "f.png").width == 400);
     CHECK_THROWS_AS(Image(0, 5), mopt::Error);
+}
+
+TEST_CASE("plot: crowded and odd inputs still give a sane picture", "[plot]") {
+    // 40 labelled series with long names: the legend stays inside the plot box, listing what fits.
+    LineChart crowd{.title = std::string(300, 'T'), .x_label = "x \xe2\x86\x92", .y_label = "y", .series = {},
+                    .log_y = false};
+    for (int k = 0; k < 40; ++k) {
+        Series s{"series with a long descriptive name number " + std::to_string(k), {}, {}};
+        for (int i = 0; i < 200; ++i) s.x.push_back(1e9 + i * 1e3), s.y.push_back(1e-7 * (k + 1) * std::sin(i * 0.1));
+        crowd.series.push_back(s);
+    }
+    const Figure f = render(crowd, 400, 300);
+    REQUIRE_FALSE(f.legend.empty());
+    CHECK(f.legend.x0 >= f.axes.plot.x0);
+    CHECK(f.legend.x1 <= f.axes.plot.x1);
+    CHECK(f.legend.y1 <= f.axes.plot.y1);
+    CHECK(f.axes.x_min <= 1e9);
+    CHECK(f.axes.x_max >= 1e9 + 199e3);
+
+    // 512 tokens x 64 experts: cells narrower than their text go unannotated, labels thin out.
+    Heatmap big{.title = "big", .x_label = "", .y_label = "", .row_labels = {}, .col_labels = {}, .values = {},
+                .annotate = true};
+    for (int r = 0; r < 512; ++r) {
+        big.values.emplace_back();
+        for (int c = 0; c < 64; ++c) big.values.back().push_back((r * 64 + c) % 97);
+    }
+    const Figure h = render(big);
+    REQUIRE(h.cells.size() == 512u * 64u);
+    long ink_in_cells = 0;
+    for (int y = h.axes.plot.y0; y < h.axes.plot.y1; ++y)
+        for (int x = h.axes.plot.x0; x < h.axes.plot.x1; ++x) ink_in_cells += h.image.at(x, y) == detail::plot::ink;
+    CHECK(ink_in_cells == 0);
+
+    // All values equal: one colour, one colour-bar label, no division by zero.
+    Heatmap flat{.title = "", .x_label = "", .y_label = "", .row_labels = {}, .col_labels = {}, .values = {{2, 2}, {2, 2}},
+                 .annotate = true};
+    const Figure fl = render(flat, 400, 300);
+    CHECK(fl.value_min == 2);
+    CHECK(fl.value_max == 2);
+    CHECK(fl.image.at(fl.cells[0].x0 + 1, fl.cells[0].y0 + 1) == fl.image.at(fl.cells[3].x0 + 1, fl.cells[3].y0 + 1));
+
+    // One bar, one category, a huge canvas and the smallest one.
+    BarChart one{.title = "", .x_label = "", .y_label = "", .categories = {"only"}, .groups = {{"", {}, {3}}}};
+    for (auto [w, h2] : {std::pair{160, 120}, std::pair{2400, 1500}}) {
+        const Figure b = render(one, w, h2);
+        CHECK(b.image.width() == w);
+        CHECK(b.legend.empty());  // one unlabelled group
+        REQUIRE_FALSE(b.bars[0].empty());
+        CHECK(b.bars[0].height() > b.axes.plot.height() / 2);
+    }
 }

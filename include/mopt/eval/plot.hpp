@@ -245,16 +245,21 @@ inline int text_width(std::string_view text, int scale) {
 }
 inline int text_height(int scale) { return 8 * scale; }
 
-// `text` cut (with "..") to at most max_px wide.
+// `text` cut (with "..") to at most max_px wide; empty when not even ".." fits.
 inline std::string fit_text(const std::string& text, int max_px, int scale) {
-    if (text_width(text, scale) <= max_px) return text;
-    std::string out;
-    for (std::size_t i = 0; i < text.size(); ++i) {
-        std::string next = text.substr(0, i + 1);
-        if (text_width(next + "..", scale) > max_px) break;
-        out = next;
+    const int fits = (max_px / scale + 1) / 6;  // glyphs that fit: 6n - 1 columns
+    if (glyph_count(text) <= fits) return text;
+    if (fits < 2) return {};
+    // Cut before the glyph number fits - 2 (a glyph starts at any byte but a UTF-8 continuation).
+    int glyphs = 0;
+    std::size_t cut = 0;
+    for (; cut < text.size(); ++cut) {
+        const auto u = static_cast<unsigned char>(text[cut]);
+        if (u >= 0x80 && u < 0xC0) continue;
+        if (glyphs == fits - 2) break;
+        ++glyphs;
     }
-    return text_width(out + "..", scale) <= max_px ? out + ".." : std::string();
+    return text.substr(0, cut) + "..";
 }
 
 // Top-left corner at (x, y); vertical text reads bottom to top with (x, y) its bottom-left corner.
@@ -805,7 +810,7 @@ inline Figure render(const BarChart& chart, int width = 800, int height = 500) {
     for (const auto& l : chart.categories) widest = std::max(widest, dp::text_width(l, m.s));
     const auto every = static_cast<std::size_t>(std::max(1.0, std::ceil((std::min(widest, 12 * m.cw) + m.cw) / slot)));
     for (std::size_t c = 0; c < n_cat; c += every) {
-        const std::string l = dp::fit_text(chart.categories[c], static_cast<int>(slot * every) - m.cw, m.s);
+        const std::string l = dp::fit_text(chart.categories[c], static_cast<int>(slot * static_cast<double>(every)) - m.cw, m.s);
         const int x = static_cast<int>(std::lround(plot.x0 + slot * (static_cast<double>(c) + 0.5)));
         img.fill(x, plot.y1 + 1, x + 1, plot.y1 + 1 + m.tick, dp::frame_colour);
         dp::draw_text(img, x - dp::text_width(l, m.s) / 2, plot.y1 + 1 + m.tick + m.pad / 2, l, dp::ink, m.s);
@@ -851,15 +856,20 @@ inline Figure render(const Heatmap& map, int width = 800, int height = 500) {
     const dp::Metrics m(dp::text_scale(width, height));
     const int top = dp::top_margin(title, m), bottom = dp::bottom_margin(!map.x_label.empty(), m);
     const int plot_h = height - top - bottom;
-    // Colour-bar ticks: nice values inside [lo, hi] (the bar spans exactly the data).
-    Ticks bt = nice_ticks(lo, hi, std::clamp(plot_h / (3 * m.th), 3, 8));
+    // Colour-bar ticks: nice values inside [lo, hi] (the bar spans exactly the data); the ends
+    // themselves when no nice value falls inside, or when all values are equal.
+    std::vector<double> bar_ticks;
+    std::vector<std::string> bar_labels;
     if (hi > lo) {
+        Ticks bt = nice_ticks(lo, hi, std::clamp(plot_h / (3 * m.th), 3, 8));
         std::erase_if(bt.values, [&](double v) { return v < lo - 1e-9 * (hi - lo) || v > hi + 1e-9 * (hi - lo); });
-    } else {
-        bt.values = {lo};
+        bar_ticks = bt.values;
+        if (!bar_ticks.empty()) bar_labels = dp::tick_labels(bt);
     }
-    std::vector<std::string> bar_labels = hi > lo && !bt.values.empty() ? dp::tick_labels(bt) : std::vector<std::string>{};
-    if (bt.values.size() == 1 || bar_labels.empty()) bar_labels = {dp::compact_number(lo)}, bt.values = {lo};
+    if (bar_ticks.empty()) {
+        bar_ticks = hi > lo ? std::vector<double>{lo, hi} : std::vector<double>{lo};
+        for (double v : bar_ticks) bar_labels.push_back(dp::compact_number(v));
+    }
     int bar_label_w = 0;
     for (const auto& l : bar_labels) bar_label_w = std::max(bar_label_w, dp::text_width(l, m.s));
     const int bar_w = 3 * m.cw;
@@ -921,7 +931,7 @@ inline Figure render(const Heatmap& map, int width = 800, int height = 500) {
     const auto col_every = static_cast<std::size_t>(std::max(1.0, std::ceil((std::min(widest, 12 * m.cw) + m.cw) / cell_w)));
     for (std::size_t c = 0; c < cols; c += col_every) {
         const int x = (edge_x(c) + edge_x(c + 1)) / 2;
-        const std::string l = dp::fit_text(col_label(c), static_cast<int>(cell_w * col_every) - m.cw, m.s);
+        const std::string l = dp::fit_text(col_label(c), static_cast<int>(cell_w * static_cast<double>(col_every)) - m.cw, m.s);
         img.fill(x, plot.y1 + 1, x + 1, plot.y1 + 1 + m.tick, dp::frame_colour);
         dp::draw_text(img, x - dp::text_width(l, m.s) / 2, plot.y1 + 1 + m.tick + m.pad / 2, l, dp::ink, m.s);
     }
@@ -934,8 +944,8 @@ inline Figure render(const Heatmap& map, int width = 800, int height = 500) {
         img.fill(bar.x0, y, bar.x1, y + 1, hi > lo ? colormap(t) : colormap(0.5));
     }
     dp::stroke_rect(img, bar, dp::frame_colour);
-    for (std::size_t i = 0; i < bt.values.size(); ++i) {
-        const double t = hi > lo ? (bt.values[i] - lo) / (hi - lo) : 0.5;
+    for (std::size_t i = 0; i < bar_ticks.size(); ++i) {
+        const double t = hi > lo ? (bar_ticks[i] - lo) / (hi - lo) : 0.5;
         const int y = static_cast<int>(std::lround(bar.y1 - 1 - t * (bar.height() - 1)));
         img.fill(bar.x1 + 1, y, bar.x1 + 1 + m.tick, y + 1, dp::frame_colour);
         dp::draw_text(img, bar.x1 + 1 + m.tick + m.pad / 2, y - (7 * m.s) / 2, bar_labels[i], dp::ink, m.s);

@@ -174,10 +174,11 @@ inline void deflate_stored(const std::vector<std::uint8_t>& in, std::vector<std:
 
 // The fixed literal/length code of RFC 1951 §3.2.6.
 inline void put_fixed_literal(BitWriter& w, int sym) {
-    if (sym < 144) w.code(0x30 + sym, 8);
-    else if (sym < 256) w.code(0x190 + (sym - 144), 9);
-    else if (sym < 280) w.code(sym - 256, 7);
-    else w.code(0xC0 + (sym - 280), 8);
+    const auto u = static_cast<std::uint32_t>(sym);
+    if (u < 144) w.code(0x30 + u, 8);
+    else if (u < 256) w.code(0x190 + (u - 144), 9);
+    else if (u < 280) w.code(u - 256, 7);
+    else w.code(0xC0 + (u - 280), 8);
 }
 
 // Length 3..258 and distance 1..32768 as code + extra bits (RFC 1951 §3.2.5 tables).
@@ -300,7 +301,7 @@ inline std::vector<std::uint8_t> filter_scanlines(const Image& img) {
         const std::uint8_t* up = y > 0 ? row - stride : zero.data();
         std::uint64_t best_cost = ~std::uint64_t{0};
         std::uint8_t best_type = 0;
-        for (std::uint8_t type : {0, 1, 2, 4}) {
+        for (std::uint8_t type : {std::uint8_t{0}, std::uint8_t{1}, std::uint8_t{2}, std::uint8_t{4}}) {
             std::uint64_t cost = 0;
             for (std::size_t i = 0; i < stride; ++i) {
                 const int a = i >= 3 ? row[i - 3] : 0, b = up[i], c = i >= 3 ? up[i - 3] : 0;
