@@ -50,6 +50,9 @@ struct ModelConfig {
         positive(d_ff, "d_ff (intermediate_size)");
         positive(max_seq, "max_seq (max_position_embeddings)");
         check(d_model % n_heads == 0, where, ": d_model ", d_model, " is not divisible by n_heads ", n_heads);
+        // kv_heads() reads any n_kv_heads <= 0 as n_heads, so a negative count must be caught here.
+        check(n_kv_heads >= 0, where, ": n_kv_heads (num_key_value_heads) must be >= 0 (0 = n_heads), got ",
+              n_kv_heads);
         check(kv_heads() > 0 && n_heads % kv_heads() == 0, where, ": n_heads ", n_heads,
               " is not divisible by n_kv_heads ", kv_heads());
         check(head_dim() % 2 == 0, where, ": head_dim ", head_dim(), " must be even for rotary positions");
@@ -62,6 +65,10 @@ struct ModelConfig {
             check(expert_interval == 1 || expert_interval == 2, where, ": expert_interval must be 1 or 2, got ",
                   expert_interval);
             check(capacity_factor >= 0.0f, where, ": capacity_factor must be >= 0, got ", capacity_factor);
+            // A negative coefficient would reward imbalance (or large router logits) instead.
+            check(aux_loss_coef >= 0.0f, where, ": aux_loss_coef (router_aux_loss_coef) must be >= 0, got ",
+                  aux_loss_coef);
+            check(z_loss_coef >= 0.0f, where, ": z_loss_coef must be >= 0, got ", z_loss_coef);
         }
         check(bos_id >= 0 && bos_id < vocab_size, where, ": bos_token_id ", bos_id, " outside the vocabulary of ",
               vocab_size);

@@ -82,7 +82,7 @@ struct ExpertStats {
 // What a feed-forward layer adds to a forward pass besides its output.
 struct FeedForwardContext {
     std::vector<ExpertStats>* stats = nullptr;  // filled by expert layers
-    Var aux_loss;                               // expert layers add α·(load balance) + z-loss here
+    Var aux_loss{};                             // expert layers add α·(load balance) + z-loss here
 };
 
 template <class Act = SwiGLU>

@@ -36,6 +36,13 @@ public:
     // k_new, v_new: [B, T, Hkv, Dh]
     void append(std::int64_t layer, const Tensor& k_new, const Tensor& v_new, Tensor& dst_k, Tensor& dst_v) {
         const std::int64_t steps = k_new.dim(1), total = length_ + steps, row = kv_heads_ * head_dim_;
+        // A cache made for another model would otherwise be indexed or copied out of bounds.
+        check(layer >= 0 && layer < static_cast<std::int64_t>(k_.size()), "KVCache: layer ", layer,
+              " but the cache was made for ", k_.size(), " layers (n_layers of another model?)");
+        check(k_new.rank() == 4 && k_new.dim(2) == kv_heads_ && k_new.dim(3) == head_dim_ &&
+                  v_new.shape() == k_new.shape(),
+              "KVCache: keys ", k_new.shape(), " and values ", v_new.shape(), " do not fit a cache of ", kv_heads_,
+              " kv heads × head_dim ", head_dim_, " (made for another model?)");
         check(k_new.dim(0) == batch_, "KVCache: batch ", k_new.dim(0), " but the cache holds ", batch_);
         check(total <= capacity_, "KVCache: ", total, " positions exceed the cache capacity ", capacity_,
               " (the model's context); generate fewer tokens or use a shorter prompt");
