@@ -280,6 +280,13 @@ TEST_CASE("read_hf_config: transformers 4 spellings and fields mopt can or canno
         const auto f = edited_config(tmp, "norope", [](nlohmann::json& j) { j.erase("rope_parameters"); });
         CHECK(io::read_hf_config(f).config.rope_theta == 10000.0f);
     }
+    SECTION("no rope field in a Mixtral config: MixtralConfig's default base 1e6") {
+        nlohmann::json j = read_json(reference_dir / "mixtral_top2" / "config.json");
+        j.erase("rope_parameters");
+        fs::create_directories(tmp / "mixtral");
+        write_text(tmp / "mixtral" / "config.json", j.dump());
+        CHECK(io::read_hf_config(tmp / "mixtral" / "config.json").config.rope_theta == 1e6f);
+    }
     SECTION("no num_key_value_heads: plain multi-head attention") {
         const auto f = edited_config(tmp, "mha", [](nlohmann::json& j) { j.erase("num_key_value_heads"); });
         CHECK(io::read_hf_config(f).config.kv_heads() == 4);
@@ -298,6 +305,13 @@ TEST_CASE("read_hf_config: transformers 4 spellings and fields mopt can or canno
         });
         CHECK_THAT(error_of([&] { (void)io::read_hf_config(g); }),
                    Catch::Contains(g.string()) && Catch::Contains("rope_scaling.type") && Catch::Contains("linear"));
+    }
+    SECTION("partial rotation is refused") {
+        const auto f = edited_config(tmp, "partial", [](nlohmann::json& j) {
+            j["rope_parameters"]["partial_rotary_factor"] = 0.5;
+        });
+        CHECK_THAT(error_of([&] { (void)io::read_hf_config(f); }),
+                   Catch::Contains(f.string()) && Catch::Contains("rope_parameters.partial_rotary_factor"));
     }
     SECTION("disagreeing rope_theta spellings are an error") {
         const auto f = edited_config(tmp, "twotheta", [](nlohmann::json& j) { j["rope_theta"] = 10000.0; });

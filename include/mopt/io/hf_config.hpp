@@ -187,20 +187,24 @@ inline const char* hf_dtype_name(DType t) {
 // RoPE: "rope_parameters" {"rope_theta", "rope_type"} (transformers 5), or a top-level "rope_theta"
 // with an optional "rope_scaling" (transformers 4). Only the unscaled ("default") rotation is what
 // mopt computes; any other rope_type would load silently wrong positions, so it is an error.
-inline float read_rope_theta(const Reader& r) {
+inline float read_rope_theta(const Reader& r, float fallback) {
     const auto check_type = [&](const json& obj, const std::string& field) {
         check(obj.is_object(), where(r.file), ": field '", field, "' holds ", brief(obj), ", not an object");
+        // Per-layer-type parameters ({"full_attention": {...}, ...}) belong to other architectures.
+        for (const auto& item : obj.items())
+            check(!item.value().is_object(), where(r.file), ": field '", field, ".", item.key(),
+                  "' is an object; mopt reads one set of rotary parameters for all layers");
+        if (obj.contains("partial_rotary_factor") && !obj["partial_rotary_factor"].is_null())
+            check(r.number(obj["partial_rotary_factor"], field + ".partial_rotary_factor") == 1.0f, where(r.file),
+                  ": field '", field, ".partial_rotary_factor' is ", brief(obj["partial_rotary_factor"]),
+                  "; mopt rotates the whole head");
         const char* key = obj.contains("rope_type") ? "rope_type" : obj.contains("type") ? "type" : nullptr;
         if (key == nullptr || obj[key].is_null()) return;
         const std::string type = r.string(obj[key], field + "." + key);
         check(type == "default", where(r.file), ": field '", field, ".", key, "' is '", type,
               "'; mopt implements only the unscaled rotary embedding (rope_type \"default\")");
-        if (obj.contains("partial_rotary_factor") && !obj["partial_rotary_factor"].is_null())
-            check(r.number(obj["partial_rotary_factor"], field + ".partial_rotary_factor") == 1.0f, where(r.file),
-                  ": field '", field, ".partial_rotary_factor' is ", brief(obj["partial_rotary_factor"]),
-                  "; mopt rotates the whole head");
     };
-    float theta = 10000.0f;  // transformers' default when a file names none
+    float theta = fallback;  // the config class's default when a file names none
     bool from_parameters = false;
     if (r.has("rope_parameters")) {
         const json& p = r.j["rope_parameters"];
@@ -302,14 +306,18 @@ inline HfConfig parse(const json& j, const std::filesystem::path& file) {
     c.d_ff = r.integer("intermediate_size");
     c.n_layers = r.integer("num_hidden_layers");
     c.n_heads = r.integer("num_attention_heads");
-    c.n_kv_heads = r.integer("num_key_value_heads", c.n_heads);
+    // LlamaConfig reads a missing num_key_value_heads as plain multi-head attention; MixtralConfig's
+    // default (8) depends on the class version, so a Mixtral file must say.
+    c.n_kv_heads = arch == "MixtralForCausalLM" ? r.integer("num_key_value_heads")
+                                                : r.integer("num_key_value_heads", c.n_heads);
     check(c.n_kv_heads > 0, where(file), ": field 'num_key_value_heads' must be positive, got ", c.n_kv_heads);
     c.max_seq = r.integer("max_position_embeddings");
     c.norm_eps = s.norm == "RMSNorm" ? r.number("rms_norm_eps") : r.number("layer_norm_eps");
     c.tie_embeddings = r.boolean("tie_word_embeddings", false);
     c.bos_id = r.token_id("bos_token_id", c.bos_id);
     c.eos_id = r.token_id("eos_token_id", c.eos_id);
-    if (!s.learned_positions) c.rope_theta = read_rope_theta(r);
+    // The base where a file names none: MixtralConfig's default is 1e6, LlamaConfig's 10000.
+    if (!s.learned_positions) c.rope_theta = read_rope_theta(r, arch == "MixtralForCausalLM" ? 1e6f : 10000.0f);
     if (r.has("head_dim") && c.n_heads > 0) {
         const std::int64_t hd = r.integer("head_dim");
         check(hd == c.d_model / c.n_heads && c.d_model % c.n_heads == 0, where(file), ": field 'head_dim' is ", hd,
