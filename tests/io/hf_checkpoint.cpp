@@ -398,6 +398,16 @@ TEST_CASE("read_hf_config: malformed files, missing fields, wrong types", "[hf]"
         CHECK_THAT(error_of([&] { (void)io::read_hf_config(g); }), Catch::Contains("n_kv_heads"));
         const auto h = edited_config(tmp, "negkv", [](nlohmann::json& j) { j["num_key_value_heads"] = -2; });
         CHECK_THAT(error_of([&] { (void)io::read_hf_config(h); }), Catch::Contains("num_key_value_heads"));
+        nlohmann::json mixtral = read_json(reference_dir / "mixtral_top2" / "config.json");
+        mixtral["num_local_experts"] = 0;
+        fs::create_directories(tmp / "noexperts");
+        write_text(tmp / "noexperts" / "config.json", mixtral.dump());
+        CHECK_THAT(error_of([&] { (void)io::read_hf_config(tmp / "noexperts" / "config.json"); }),
+                   Catch::Contains("num_local_experts"));
+        mixtral.erase("num_local_experts");
+        write_text(tmp / "noexperts" / "config.json", mixtral.dump());
+        CHECK_THAT(error_of([&] { (void)io::read_hf_config(tmp / "noexperts" / "config.json"); }),
+                   Catch::Contains("missing field 'num_local_experts'"));
     }
     SECTION("MoptForCausalLM without or with a bad mopt_structure") {
         const auto f = edited_config(tmp, "mopt", [](nlohmann::json& j) { j["architectures"] = {"MoptForCausalLM"}; });
@@ -421,7 +431,7 @@ TEST_CASE("write_hf_config → read_hf_config keeps every number and the structu
         io::write_hf_config(tmp / "config.json", c, Llama::structure());
         const io::HfConfig r = io::read_hf_config(tmp / "config.json");
         CHECK(r.architecture == "LlamaForCausalLM");
-        CHECK(io::detail::hf::same_computation(r.structure, Llama::structure()));
+        CHECK(r.structure == Llama::structure());
         expect_same_config(r.config, c);
         const auto j = read_json(tmp / "config.json");
         CHECK(j["rope_parameters"]["rope_type"] == "default");
@@ -439,6 +449,26 @@ TEST_CASE("write_hf_config → read_hf_config keeps every number and the structu
         CHECK(r.architecture == "MoptForCausalLM");
         CHECK(r.structure.routing == "TopK");
         expect_same_config(r.config, c);
+    }
+    SECTION("the structure read back is the one written, for every kind of model") {
+        using Custom = nn::Transformer<nn::Family<nn::RMSNorm, nn::Attention<nn::Rotary>, nn::DenseFFN<nn::SwiGLU>>>;
+        using GeluSwitch = nn::Transformer<nn::GPT, nn::SwitchFFN<nn::TopK, nn::EveryOtherLayer, nn::GELU>>;
+        const auto check_structure = [&](const nn::ModelConfig& c, const nn::Structure& s, const char* arch) {
+            INFO(s.describe());
+            io::write_hf_config(tmp / "config.json", c, s);
+            const io::HfConfig r = io::read_hf_config(tmp / "config.json");
+            CHECK(r.structure == s);
+            CHECK(r.architecture == arch);
+            expect_same_config(r.config, c, !s.learned_positions);
+        };
+        check_structure(small_config(), Llama::structure(), "LlamaForCausalLM");
+        check_structure(small_config(), Gpt::structure(), "MoptForCausalLM");
+        check_structure(small_config(), Custom::structure(), "MoptForCausalLM");  // keeps its family name
+        check_structure(moe_config(2), Mixtral::structure(), "MixtralForCausalLM");
+        check_structure(moe_config(1), SwitchTop1::structure(), "MoptForCausalLM");
+        nn::ModelConfig sparse = moe_config(2);
+        sparse.expert_interval = 2;
+        check_structure(sparse, GeluSwitch::structure(), "MoptForCausalLM");
     }
     SECTION("a structure and numbers that disagree") {
         CHECK_THAT(error_of([&] { io::write_hf_config(tmp / "config.json", moe_config(1), Llama::structure()); }),
@@ -640,6 +670,18 @@ TEST_CASE("save_hf → load_hf: Switch Top1 in every other layer with a capacity
                Catch::Contains("EveryOtherLayer") && Catch::Contains("EveryLayer"));
     CHECK_THAT(error_of([&] { (void)io::load_hf<Mixtral>(tmp / "m"); }),
                Catch::Contains("MoptForCausalLM is SwitchFFN<SwiGLU, Top1, EveryOtherLayer>"));
+}
+
+TEST_CASE("save_hf → load_hf: a Family of Llama's parts under its own name", "[hf]") {
+    using Custom = nn::Transformer<nn::Family<nn::RMSNorm, nn::Attention<nn::Rotary>, nn::DenseFFN<nn::SwiGLU>>>;
+    Custom model(small_config(), 10);
+    perturb(model, 200);
+    round_trip(model, DType::f32, "MoptForCausalLM");
+    // It computes what Llama computes, so a Llama type reads it too.
+    TempDir tmp;
+    io::save_hf(model, tmp / "m");
+    Llama as_llama = io::load_hf<Llama>(tmp / "m");
+    expect_same_parameters(model, as_llama, same);
 }
 
 TEST_CASE("save_hf → load_hf: GPT family (LayerNorm, learned positions, GELU)", "[hf]") {

@@ -123,11 +123,14 @@ struct Reader {
 };
 
 // The shortest decimal that reads back as `f`: config.json shows 1e-05, not 9.99999974737875e-06.
+// JSON readers parse into a double first; where that double would round to another float (a
+// shortest decimal next to a rounding boundary), the exact value is written instead.
 inline double pretty(float f) {
     char buf[64];
     const auto r = std::to_chars(buf, buf + sizeof buf - 1, f);
     *r.ptr = '\0';
-    return std::strtod(buf, nullptr);
+    const double d = std::strtod(buf, nullptr);
+    return static_cast<float>(d) == f ? d : static_cast<double>(f);
 }
 
 // Hugging Face's hidden_act for an activation of nn::Structure.
@@ -169,7 +172,10 @@ inline bool same_computation(const nn::Structure& a, const nn::Structure& b) {
 }
 
 // Which architecture name a model is written under (see the file comment).
+// Only the Llama family itself is written under Hugging Face's names, so that the structure read
+// back is the one written (a custom Family of the same parts keeps its name as MoptForCausalLM).
 inline std::string architecture_for(const nn::ModelConfig& c, const nn::Structure& s) {
+    if (s.family != "Llama") return "MoptForCausalLM";
     if (same_computation(s, llama_structure())) return "LlamaForCausalLM";
     if (same_computation(s, mixtral_structure()) && c.capacity_factor == 0.0f && c.z_loss_coef == 0.0f)
         return "MixtralForCausalLM";
@@ -328,6 +334,10 @@ inline HfConfig parse(const json& j, const std::filesystem::path& file) {
     if (s.ffn == "SwitchFFN") {
         c.num_experts = r.integer("num_local_experts");
         c.experts_per_token = r.integer("num_experts_per_tok");
+        check(c.num_experts >= 1, where(file), ": field 'num_local_experts' is ", c.num_experts, " but ", arch,
+              " here is ", ffn_description(s), ", which needs at least one expert");
+        check(s.routing != "Top1" || c.experts_per_token == 1, where(file), ": field 'num_experts_per_tok' is ",
+              c.experts_per_token, " but Top1 routing sends each token to one expert (TopK takes k > 1)");
         c.aux_loss_coef = r.number("router_aux_loss_coef", 0.001f);  // MixtralConfig's default
         c.capacity_factor = r.number("capacity_factor", 0.0f);
         c.z_loss_coef = r.number("router_z_loss_coef", 0.0f);
