@@ -279,6 +279,25 @@ TEST_CASE("load_model: paths that are no checkpoint are errors naming the path",
     const fs::path text = tmp.path / "notes.txt";
     std::ofstream(text) << "not a model";
     REQUIRE_THROWS_WITH(io::load_model<Llama>(text), Catch::Contains("notes.txt") && Catch::Contains("llama2.c"));
+    // A folder without config.json: load_hf's error, naming the folder.
+    const fs::path empty = tmp.path / "empty-model";
+    fs::create_directories(empty);
+    REQUIRE_THROWS_WITH(io::load_model<Llama>(empty), Catch::Contains("empty-model"));
+}
+
+TEST_CASE("tokenizer_next_to: the tokenizer file beside a checkpoint", "[llama2c]") {
+    TempDir tmp;
+    const fs::path model = tmp.path / "model.bin";
+    std::ofstream(model) << "x";
+    CHECK(io::tokenizer_next_to(model, 512).empty());
+    std::ofstream(tmp.path / "tokenizer.bin") << "x";
+    CHECK(io::tokenizer_next_to(model, 512) == tmp.path / "tokenizer.bin");
+    std::ofstream(tmp.path / "tok512.bin") << "x";  // the vocabulary's own tokenizer comes first
+    CHECK(io::tokenizer_next_to(model, 512) == tmp.path / "tok512.bin");
+    CHECK(io::tokenizer_next_to(model, 4096) == tmp.path / "tokenizer.bin");
+    CHECK(io::tokenizer_next_to(tmp.path, 512).empty());  // a HF folder: tokenizer.model only
+    std::ofstream(tmp.path / "tokenizer.model") << "x";
+    CHECK(io::tokenizer_next_to(tmp.path, 512) == tmp.path / "tokenizer.model");
 }
 
 TEST_CASE("import_llama2c: a model type of another structure is refused", "[llama2c]") {

@@ -11,14 +11,8 @@
 #include <vector>
 
 #include "mopt/error.hpp"
-#include "mopt/io/llama2c_import.hpp"
-
-#if __has_include("mopt/io/hf_checkpoint.hpp")
 #include "mopt/io/hf_checkpoint.hpp"
-#define MOPT_LOAD_MODEL_HAS_HF 1
-#else
-#define MOPT_LOAD_MODEL_HAS_HF 0
-#endif
+#include "mopt/io/llama2c_import.hpp"
 
 namespace mopt::io {
 
@@ -31,13 +25,7 @@ Model load_model(const std::filesystem::path& path) {
     const bool is_dir = fs::is_directory(path, ec);
     if (is_dir || (fs::is_regular_file(path, ec) && path.filename() == "config.json")) {
         const fs::path dir = is_dir ? path : path.parent_path();
-#if MOPT_LOAD_MODEL_HAS_HF
         return load_hf<Model>(dir.empty() ? fs::path(".") : dir);
-#else
-        throw Error(mopt::detail::concat("load_model: ", path,
-                                         " is a Hugging Face checkpoint, but this build has no "
-                                         "mopt/io/hf_checkpoint.hpp to read it"));
-#endif
     }
     throw Error(mopt::detail::concat("load_model: ", path,
                                      " is neither a llama2.c checkpoint (*.bin) nor a Hugging Face checkpoint "
