@@ -265,6 +265,8 @@ TEST_CASE("tokenizer: load picks SentencePiece for .model and llama2.c for .bin"
     REQUIRE(tok.encode(lines[3], false) == sp.encode(lines[3], false));
     REQUIRE(tok.decode(tok.encode(lines[3])) == lines[3]);
     REQUIRE(tok.get_if<SentencePieceTokenizer>() != nullptr);
+    const Tokenizer copy = tok;  // copies share the loaded model
+    REQUIRE(copy.encode(lines[4]) == tok.encode(lines[4]));
     REQUIRE(tok.get_if<data::Llama2cTokenizer>() == nullptr);
 
     REQUIRE_THROWS_WITH(Tokenizer::load(dir.path / "vocab.json"),

@@ -104,10 +104,11 @@ public:
         const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
         check(!in.bad(), where(), "read failed");
         check(!bytes.empty(), where(), "the file is empty");
-        SentencePieceTokenizer t;
-        t.sp_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
-        const auto status = t.sp_->LoadFromSerializedProto(bytes);
+        auto sp = std::make_shared<sentencepiece::SentencePieceProcessor>();
+        const auto status = sp->LoadFromSerializedProto(bytes);
         check(status.ok(), where(), "not a valid SentencePiece model (", status.ToString(), ")");
+        SentencePieceTokenizer t;
+        t.sp_ = std::move(sp);
         const int n = t.sp_->GetPieceSize();
         check(n > 3, where(), "the vocabulary has only ", n, " pieces");
         // Batches and models rely on these ids; a model trained elsewhere with other ids is refused.
@@ -223,7 +224,8 @@ private:
         }
     }
 
-    std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+    // Shared and const: a loaded model never changes, so copies of a tokenizer share it.
+    std::shared_ptr<const sentencepiece::SentencePieceProcessor> sp_;
     std::filesystem::path file_;
 };
 
