@@ -17,6 +17,12 @@
 //
 // The trainer reads sentences, one line each: documents are cut at newlines, blank lines dropped,
 // lines longer than max_sentence_length bytes cut at a space (the trainer would drop them).
+// Training is not reentrant: SentencePiece's seed and log level are process-wide.
+//
+// encode() takes a whole document, as Llama's tokenizer does: only its first word gets the dummy
+// prefix '▁', a newline is the byte piece <0x0A>, and a word after a newline is cut as a
+// word-internal piece (on Brown this costs ~1.5% more tokens than encoding line by line, but line
+// by line could not decode back to the same text).
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
