@@ -59,7 +59,8 @@ void expect_parity(const std::string& name) {
     CHECK(p.logits_rel <= 1e-4);
     CHECK(p.loss_rel <= 1e-4);
     // Logged so that the numbers appear in the test output.
-    WARN(name << ": logits rel " << p.logits_rel << ", loss " << p.loss << " vs " << p.ref_loss);
+    WARN(name << ": logits rel " << p.logits_rel << ", loss " << p.loss << " vs " << p.ref_loss << " (rel "
+              << p.loss_rel << ")");
 }
 
 }  // namespace
