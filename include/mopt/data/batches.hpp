@@ -172,6 +172,16 @@ public:
         return true;
     }
 
+    // Positions the stream where a loop of next_wrapping calls would be after `batches` calls from
+    // the start of epoch 0: how a resumed training run continues with the same batches.
+    void seek(std::int64_t batches) {
+        check(batches >= 0, "Batches::seek: negative position ", batches);
+        const std::int64_t per_epoch = batches_per_epoch();
+        start_epoch(batches / per_epoch);
+        const std::int64_t skip = batches % per_epoch;
+        next_ = std::min(skip * opt_.batch_size, num_windows());
+    }
+
     // The next batch, moving on to the next epoch (reshuffled) when this one is done: for training
     // loops counted in steps.
     void next_wrapping(Batch& out) {

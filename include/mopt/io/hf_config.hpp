@@ -133,10 +133,11 @@ inline double pretty(float f) {
     return static_cast<float>(d) == f ? d : static_cast<double>(f);
 }
 
-// Hugging Face's hidden_act for an activation of nn::Structure.
+// Hugging Face's hidden_act for an activation of nn::Structure. mopt's GELU is the tanh
+// approximation: "gelu_pytorch_tanh" (or its synonym "gelu_new"), not HF's exact-erf "gelu".
 inline std::string hf_activation(const std::string& activation) {
     if (activation == "SwiGLU") return "silu";
-    if (activation == "GELU") return "gelu";
+    if (activation == "GELU") return "gelu_pytorch_tanh";
     if (activation == "ReLU") return "relu";
     return "";
 }
@@ -299,7 +300,8 @@ inline HfConfig parse(const json& j, const std::filesystem::path& file) {
     const nn::Structure& s = out.structure;
 
     // hidden_act must be the activation the structure computes ("silu" gated for Llama/Mixtral).
-    const std::string act = r.has("hidden_act") ? r.string("hidden_act") : hf_activation(s.activation);
+    std::string act = r.has("hidden_act") ? r.string("hidden_act") : hf_activation(s.activation);
+    if (act == "gelu_new") act = "gelu_pytorch_tanh";  // the same tanh approximation under its older name
     check(act == hf_activation(s.activation), where(file), ": field 'hidden_act' is '", act, "' but ", arch,
           " here computes ", s.activation, " (hidden_act \"", hf_activation(s.activation), "\")");
     for (const char* bias : {"attention_bias", "mlp_bias"})

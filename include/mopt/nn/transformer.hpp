@@ -17,6 +17,7 @@
 // output head (tied to the token embedding or its own matrix). Parameter names are Hugging Face's
 // (model.layers.{i}.self_attn.q_proj.weight, …), so checkpoints map one to one.
 #include <cstdint>
+#include <filesystem>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -25,6 +26,7 @@
 #include "mopt/autodiff/ops.hpp"
 #include "mopt/backend/cpu/cpu.hpp"
 #include "mopt/compress/none.hpp"
+#include "mopt/io/load_model.hpp"
 #include "mopt/nn/attention.hpp"
 #include "mopt/nn/concepts.hpp"
 #include "mopt/nn/config.hpp"
@@ -132,6 +134,12 @@ public:
         if (!config_.tie_embeddings)
             lm_head_ = Parameter("lm_head.weight", normal_tensor({config_.vocab_size, config_.d_model}, 0.02f, rng));
     }
+
+    // A pretrained model: a Hugging Face folder (or its config.json), or a llama2.c .bin file.
+    // A checkpoint whose structure differs from this type is an error naming what differs.
+    static Transformer load(const std::filesystem::path& path) { return io::load_model<Transformer>(path); }
+    // Writes config.json and model.safetensors (Hugging Face layout, atomically) into `dir`.
+    void save(const std::filesystem::path& dir, DType on_disk = DType::f32) { io::save_hf(*this, dir, on_disk); }
 
     [[nodiscard]] const ModelConfig& config() const { return config_; }
     [[nodiscard]] std::vector<Block>& blocks() { return blocks_; }
