@@ -56,13 +56,13 @@ struct Options {
     std::uint64_t seed = 1, split_seed = 1234;
     double time_limit = 0.0;
     std::int64_t stop_after = 0;
-    bool fresh = false;
+    bool fresh = false, tie_embeddings = false;
 };
 
 // The options that decide what a checkpoint means: resuming with any of them changed is refused.
 nlohmann::json run_identity(const Options& o, std::int64_t vocab) {
     return {{"corpus", o.corpus}, {"domains", o.domains},     {"arch", o.arch},         {"vocab", vocab},
-            {"d_model", o.d_model}, {"layers", o.layers},     {"heads", o.heads},       {"kv_heads", o.kv_heads},
+            {"d_model", o.d_model}, {"layers", o.layers},     {"heads", o.heads},       {"kv_heads", o.kv_heads}, {"tie_embeddings", o.tie_embeddings},
             {"ffn", o.ffn},         {"experts", o.experts},   {"seq_len", o.seq_len},   {"batch", o.batch},
             {"seed", o.seed},       {"split_seed", o.split_seed}, {"capacity_factor", o.capacity_factor},
             {"aux_loss_coef", o.aux_loss_coef}, {"z_loss_coef", o.z_loss_coef}};
@@ -180,7 +180,7 @@ int train(const Options& o, Data& d) {
     const fs::path out(o.out), ckpt_dir = out / "checkpoints";
     nn::ModelConfig c{.vocab_size = d.tokenizer.vocab_size(), .d_model = o.d_model, .n_layers = o.layers,
                       .n_heads = o.heads, .n_kv_heads = o.kv_heads, .d_ff = o.ffn, .max_seq = o.seq_len,
-                      .rope_theta = o.rope_theta, .tie_embeddings = false, .bos_id = d.tokenizer.bos_id(),
+                      .rope_theta = o.rope_theta, .tie_embeddings = o.tie_embeddings, .bos_id = d.tokenizer.bos_id(),
                       .eos_id = d.tokenizer.eos_id()};
     if constexpr (Model::FFN::has_experts) {
         c.num_experts = o.experts;
@@ -335,6 +335,7 @@ int main(int argc, char** argv) {
             ("layers", po::value(&o.layers)->default_value(o.layers), "transformer blocks")
             ("heads", po::value(&o.heads)->default_value(o.heads), "attention heads")
             ("kv-heads", po::value(&o.kv_heads)->default_value(o.kv_heads), "key/value heads (0 = heads)")
+            ("tie-embeddings", po::bool_switch(&o.tie_embeddings), "the output head shares the token embedding")
             ("ffn", po::value(&o.ffn)->default_value(o.ffn), "feed-forward width (of each expert)")
             ("experts", po::value(&o.experts)->default_value(o.experts), "experts per Switch layer")
             ("capacity-factor", po::value(&o.capacity_factor)->default_value(o.capacity_factor),
