@@ -21,27 +21,14 @@ using mopt::autodiff::NoGrad;
 using mopt::autodiff::Parameter;
 using mopt::autodiff::Tape;
 using mopt::autodiff::Var;
+using mopt::test::check_layer_gradients;
+using mopt::test::describe;
+using mopt::test::FdResult;
+using mopt::test::parameters_of;
 using mopt::test::random_tensor;
+using mopt::test::randomize;
 
 namespace {
-
-// Overwrites every parameter a layer visits with uniform values in [-scale, scale): the default
-// normal(0, 0.02) init makes attention nearly uniform and activations nearly linear, which a
-// wrong mask or activation could pass unnoticed.
-template <class L>
-void randomize(L& layer, std::uint64_t seed, float scale = 0.5f) {
-    layer.visit([&](Parameter& p) {
-        Tensor r = random_tensor(p.shape(), seed++, -scale, scale);
-        std::copy_n(r.f32(), r.numel(), p.value().f32());
-    });
-}
-
-template <class L>
-std::vector<Parameter*> parameters_of(L& layer) {
-    std::vector<Parameter*> ps;
-    layer.visit([&](Parameter& p) { ps.push_back(&p); });
-    return ps;
-}
 
 // y[r, o] = Σ_i x[r, i] W[o, i] in double. x: [rows, in] (any leading shape), W: [out, in] -> [rows, out]
 std::vector<double> naive_linear(const std::vector<double>& x, const Tensor& w) {
@@ -67,85 +54,6 @@ void require_close(const Tensor& got, const std::vector<double>& want, double to
         INFO("element " << i << " of " << got.shape());
         REQUIRE(std::abs(static_cast<double>(got.at(i)) - want[static_cast<std::size_t>(i)]) <= tol * scale);
     }
-}
-
-// Finite-difference check of a layer: L = Σ out ⊙ R for a fixed random R, central differences on
-// `per_tensor` coordinates of x and of every parameter against the gradients the tape
-// back-propagates into x and into the parameters' gradient buffers.
-struct FdResult {
-    bool ok = true;
-    int checked = 0;
-    double max_abs_error = 0.0;
-    std::string worst;
-    std::vector<double> max_grad;  // per target (x first, then the parameters): max |analytic|
-};
-
-using Build = std::function<Var(Tape&, const Var&)>;
-
-FdResult fd_check(const Build& build, Tensor x, const std::vector<Parameter*>& params, int per_tensor = 24,
-                  float eps = 1e-2f, double atol = 2e-3, double rtol = 2e-2, std::uint64_t seed = 7) {
-    for (Parameter* p : params) p->zero_grad();
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    Tape tape;
-    Var xv = tape.input(x);
-    Var out = build(tape, xv);
-    Tensor r = Tensor::empty(out.shape());
-    for (float& v : r.span()) v = normal(rng);
-    tape.backward(out, r);
-
-    std::vector<Tensor> values{x}, grads{xv.grad().defined() ? xv.grad().clone() : Tensor::zeros(x.shape())};
-    std::vector<std::string> names{"x"};
-    for (Parameter* p : params) {
-        values.push_back(p->value());
-        grads.push_back(p->grad().clone());
-        names.push_back(p->name());
-    }
-    auto probe = [&] {
-        NoGrad no_grad;
-        Tape t;
-        const Tensor& o = build(t, t.constant(x)).value();
-        double l = 0.0;
-        for (std::int64_t k = 0; k < o.numel(); ++k) l += static_cast<double>(o.at(k)) * r.at(k);
-        return l;
-    };
-    FdResult res;
-    for (std::size_t k = 0; k < values.size(); ++k) {
-        double mg = 0.0;
-        for (std::int64_t c = 0; c < grads[k].numel(); ++c) mg = std::max(mg, std::abs(double(grads[k].at(c))));
-        res.max_grad.push_back(mg);
-        const std::int64_t n = values[k].numel();
-        std::uniform_int_distribution<std::int64_t> pick(0, n - 1);
-        for (int j = 0; j < std::min<std::int64_t>(n, per_tensor); ++j) {
-            const std::int64_t c = n <= per_tensor ? j : pick(rng);
-            float& v = values[k].at(c);
-            const float saved = v;
-            v = saved + eps;
-            const double plus = probe();
-            v = saved - eps;
-            const double minus = probe();
-            v = saved;
-            const double numeric = (plus - minus) / (2.0 * eps), analytic = grads[k].at(c);
-            const double err = std::abs(numeric - analytic);
-            ++res.checked;
-            const bool bad = err > atol + rtol * std::max(std::abs(numeric), std::abs(analytic));
-            if (bad) res.ok = false;
-            if (err > res.max_abs_error || (bad && res.ok)) {
-                res.max_abs_error = std::max(err, res.max_abs_error);
-                std::ostringstream os;
-                os << names[k] << "[" << c << "]: analytic " << analytic << ", numeric " << numeric;
-                res.worst = os.str();
-            }
-        }
-    }
-    return res;
-}
-
-std::string describe(const FdResult& r) {
-    std::ostringstream os;
-    os << (r.ok ? "ok" : "FAILED") << ", " << r.checked << " coordinates, max |error| " << r.max_abs_error
-       << ", worst " << r.worst;
-    return os.str();
 }
 
 mopt::nn::ModelConfig attention_config() {
@@ -356,7 +264,7 @@ TEST_CASE("Attention<Rotary> layer gradients match finite differences (GQA, pref
     randomize(attn, 300);
     Tensor x = random_tensor({2, 5, 16}, 8);
     const mopt::nn::AttentionContext ctx{.prefix = 2};
-    const FdResult r = fd_check([&](Tape& t, const Var& xv) { return attn(t, xv, ctx); }, x, parameters_of(attn));
+    const FdResult r = check_layer_gradients([&](Tape& t, const Var& xv) { return attn(t, xv, ctx); }, x, parameters_of(attn));
     INFO(describe(r));
     CHECK(r.ok);
     CHECK(r.checked == 5 * 24);
@@ -430,7 +338,7 @@ TEST_CASE("SwiGLU Mlp gradients match finite differences", "[nn][layers][mlp][gr
     CHECK(mlp.down.weight.name() == "e.w2.weight");
     randomize(mlp, 70, 0.8f);
     Tensor x = random_tensor({2, 4, 6}, 10);
-    const FdResult r = fd_check([&](Tape& t, const Var& xv) { return mlp(t, xv); }, x, parameters_of(mlp));
+    const FdResult r = check_layer_gradients([&](Tape& t, const Var& xv) { return mlp(t, xv); }, x, parameters_of(mlp));
     INFO(describe(r));
     CHECK(r.ok);
     for (double g : r.max_grad) CHECK(g > 1e-2);

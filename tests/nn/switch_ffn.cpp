@@ -28,24 +28,14 @@ using mopt::nn::ModelConfig;
 using mopt::nn::SwitchFFN;
 using mopt::nn::Top1;
 using mopt::nn::TopK;
+using mopt::test::check_layer_gradients;
+using mopt::test::describe;
+using mopt::test::FdResult;
+using mopt::test::parameters_of;
 using mopt::test::random_tensor;
+using mopt::test::randomize;
 
 namespace {
-
-template <class L>
-void randomize(L& layer, std::uint64_t seed, float scale = 0.5f) {
-    layer.visit([&](Parameter& p) {
-        Tensor r = random_tensor(p.shape(), seed++, -scale, scale);
-        std::copy_n(r.f32(), r.numel(), p.value().f32());
-    });
-}
-
-template <class L>
-std::vector<Parameter*> parameters_of(L& layer) {
-    std::vector<Parameter*> ps;
-    layer.visit([&](Parameter& p) { ps.push_back(&p); });
-    return ps;
-}
 
 std::vector<std::string> names_of(auto& layer) {
     std::vector<std::string> names;
@@ -153,86 +143,6 @@ void require_close(const Tensor& got, const std::vector<double>& want, double to
     }
 }
 
-// Central differences of L = Σ out ⊙ R against the gradients the tape gives x and the parameters.
-struct FdResult {
-    bool ok = true;
-    int checked = 0;
-    double max_abs_error = 0.0;
-    std::string worst;
-    std::vector<double> max_grad;  // per target (x first, then the parameters): max |analytic|
-};
-
-using Build = std::function<Var(Tape&, const Var&)>;
-
-// probe_no_grad: evaluate the perturbed forwards under NoGrad (off for the auxiliary losses,
-// which exist only while the router is being trained).
-FdResult fd_check(const Build& build, Tensor x, const std::vector<Parameter*>& params, float eps, int per_tensor = 16,
-                  bool probe_no_grad = true, double atol = 2e-3, double rtol = 2e-2, std::uint64_t seed = 7) {
-    for (Parameter* p : params) p->zero_grad();
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    Tape tape;
-    Var xv = tape.input(x);
-    Var out = build(tape, xv);
-    Tensor r = Tensor::empty(out.shape());
-    for (float& v : r.span()) v = normal(rng);
-    tape.backward(out, r);
-
-    std::vector<Tensor> values{x}, grads{xv.grad().defined() ? xv.grad().clone() : Tensor::zeros(x.shape())};
-    std::vector<std::string> names{"x"};
-    for (Parameter* p : params) {
-        values.push_back(p->value());
-        grads.push_back(p->grad().clone());
-        names.push_back(p->name());
-    }
-    auto probe = [&] {
-        std::optional<NoGrad> no_grad;
-        if (probe_no_grad) no_grad.emplace();
-        Tape t;
-        const Tensor& o = build(t, t.constant(x)).value();
-        double l = 0.0;
-        for (std::int64_t k = 0; k < o.numel(); ++k) l += static_cast<double>(o.at(k)) * r.at(k);
-        return l;
-    };
-    FdResult res;
-    for (std::size_t k = 0; k < values.size(); ++k) {
-        double mg = 0.0;
-        for (std::int64_t c = 0; c < grads[k].numel(); ++c) mg = std::max(mg, std::abs(double(grads[k].at(c))));
-        res.max_grad.push_back(mg);
-        const std::int64_t n = values[k].numel();
-        std::uniform_int_distribution<std::int64_t> pick(0, n - 1);
-        for (int j = 0; j < std::min<std::int64_t>(n, per_tensor); ++j) {
-            const std::int64_t c = n <= per_tensor ? j : pick(rng);
-            float& v = values[k].at(c);
-            const float saved = v;
-            v = saved + eps;
-            const double plus = probe();
-            v = saved - eps;
-            const double minus = probe();
-            v = saved;
-            const double numeric = (plus - minus) / (2.0 * eps), analytic = grads[k].at(c);
-            const double err = std::abs(numeric - analytic);
-            ++res.checked;
-            const bool bad = err > atol + rtol * std::max(std::abs(numeric), std::abs(analytic));
-            if (bad) res.ok = false;
-            if (err >= res.max_abs_error) {
-                res.max_abs_error = err;
-                std::ostringstream os;
-                os << names[k] << "[" << c << "]: analytic " << analytic << ", numeric " << numeric;
-                res.worst = os.str();
-            }
-        }
-    }
-    return res;
-}
-
-std::string describe(const FdResult& r) {
-    std::ostringstream os;
-    os << (r.ok ? "ok" : "FAILED") << ", " << r.checked << " coordinates, max |error| " << r.max_abs_error
-       << ", worst " << r.worst;
-    return os.str();
-}
-
 ModelConfig moe_config(std::int64_t k) {
     ModelConfig c;
     c.vocab_size = 16;
@@ -318,7 +228,8 @@ TEST_CASE("SwitchFFN gradients flow through the gate values into the router", "[
         REQUIRE(busy_experts(r, 1) >= 2);
         FeedForwardContext ctx;
         const FdResult res =
-            fd_check([&](Tape& t, const Var& xv) { return layer(t, xv, ctx); }, x, parameters_of(layer), eps);
+            check_layer_gradients([&](Tape& t, const Var& xv) { return layer(t, xv, ctx); }, x, parameters_of(layer),
+                                  {.eps = eps, .per_tensor = 16});
         INFO(describe(res));
         CHECK(res.ok);
         // Target 1 is the router: it learns only through p_i, and it must.
@@ -337,7 +248,8 @@ TEST_CASE("SwitchFFN gradients flow through the gate values into the router", "[
         REQUIRE(routing_margin(r, 2) > 10 * eps);
         FeedForwardContext ctx;
         const FdResult res =
-            fd_check([&](Tape& t, const Var& xv) { return layer(t, xv, ctx); }, x, parameters_of(layer), eps);
+            check_layer_gradients([&](Tape& t, const Var& xv) { return layer(t, xv, ctx); }, x, parameters_of(layer),
+                                  {.eps = eps, .per_tensor = 16});
         INFO(describe(res));
         CHECK(res.ok);
         CHECK(res.max_grad[1] > 1e-2);
@@ -477,13 +389,13 @@ TEST_CASE("SwitchFFN load-balancing and z-loss gradients w.r.t. the router match
         randomize(layer.router, 93, 1.0f);
         Tensor x = random_tensor({1, 6, 8}, 9);
         REQUIRE(routing_margin(naive_routing(x, layer), 1) > 10 * eps);
-        const FdResult res = fd_check(
+        const FdResult res = check_layer_gradients(
             [&](Tape& t, const Var& xv) {
                 FeedForwardContext ctx;
                 layer(t, xv, ctx);
                 return ctx.aux_loss;
             },
-            x, {&layer.router.weight}, eps, 32, /*probe_no_grad=*/false);
+            x, {&layer.router.weight}, {.eps = eps, .per_tensor = 32, .probe_no_grad = false});
         INFO(describe(res));
         CHECK(res.ok);
         CHECK(res.max_grad[1] > 1e-2);  // the router gets a real gradient from the loss alone

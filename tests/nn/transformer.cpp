@@ -24,6 +24,8 @@ using mopt::autodiff::Var;
 using mopt::nn::ForwardOptions;
 using mopt::nn::ModelConfig;
 using mopt::nn::Transformer;
+using mopt::test::describe;
+using mopt::test::FdResult;
 using mopt::test::random_ids;
 
 namespace nn = mopt::nn;
@@ -99,72 +101,35 @@ Tensor slice_ids(const Tensor& ids, std::int64_t begin, std::int64_t end) {
     return out;
 }
 
-struct FdResult {
-    bool ok = true;
-    int checked = 0;
-    double max_abs_error = 0.0;
-    std::string worst;
-    double max_analytic = 0.0;
-};
-
-std::string describe(const FdResult& r) {
-    std::ostringstream os;
-    os << (r.ok ? "ok" : "FAILED") << ", " << r.checked << " coordinates, max |error| " << r.max_abs_error
-       << ", worst " << r.worst << ", max |grad| " << r.max_analytic;
-    return os.str();
-}
-
 // Central differences of a scalar loss of the model against the gradients backward() leaves in
 // the parameters: `per_param` random coordinates of every parameter, plus coordinates of the
 // embedding rows of the tokens in `ids` (other rows get no gradient and would prove nothing).
 // probe_no_grad is off for models whose auxiliary losses exist only while training.
 template <class M>
 FdResult model_fd(M& model, const std::function<Var(Tape&)>& loss_fn, const Tensor& ids, float eps,
-                  bool probe_no_grad, int per_param = 2, double atol = 2e-3, double rtol = 2e-2) {
+                  bool probe_no_grad, int per_param = 2) {
     model.visit_parameters([](Parameter& p) { p.zero_grad(); });
     {
         Tape tape;
         tape.backward(loss_fn(tape));
     }
     std::mt19937_64 rng(17);
-    std::vector<std::pair<Parameter*, std::int64_t>> coords;
+    std::vector<mopt::test::FdTarget> targets;
     model.visit_parameters([&](Parameter& p) {
+        mopt::test::FdTarget& t = targets.emplace_back(p.name(), p.value(), p.grad().clone());
         std::uniform_int_distribution<std::int64_t> pick(0, p.numel() - 1);
-        for (int j = 0; j < per_param; ++j) coords.emplace_back(&p, pick(rng));
+        for (int j = 0; j < per_param; ++j) t.coords.push_back(pick(rng));
         if (p.name() == "model.embed_tokens.weight") {
             const std::int64_t d = p.shape()[1];
-            for (std::int64_t t = 0; t < std::min<std::int64_t>(ids.numel(), 4); ++t)
-                coords.emplace_back(&p, ids.data<std::int32_t>()[t] * d + (t * 3) % d);
+            for (std::int64_t k = 0; k < std::min<std::int64_t>(ids.numel(), 4); ++k)
+                t.coords.push_back(ids.data<std::int32_t>()[k] * d + (k * 3) % d);
         }
     });
-    auto probe = [&] {
-        std::optional<NoGrad> no_grad;
-        if (probe_no_grad) no_grad.emplace();
+    const mopt::test::FdOptions options{.eps = eps, .probe_no_grad = probe_no_grad, .atol = 2e-3, .rtol = 2e-2};
+    return mopt::test::check_parameter_gradients(targets, [&] {
         Tape t;
         return static_cast<double>(loss_fn(t).item());
-    };
-    FdResult r;
-    for (auto [p, c] : coords) {
-        const double analytic = p->grad().at(c);
-        float& v = p->value().at(c);
-        const float saved = v;
-        v = saved + eps;
-        const double plus = probe();
-        v = saved - eps;
-        const double minus = probe();
-        v = saved;
-        const double numeric = (plus - minus) / (2.0 * eps), err = std::abs(numeric - analytic);
-        ++r.checked;
-        r.max_analytic = std::max(r.max_analytic, std::abs(analytic));
-        if (err > atol + rtol * std::max(std::abs(analytic), std::abs(numeric))) r.ok = false;
-        if (err >= r.max_abs_error) {
-            r.max_abs_error = err;
-            std::ostringstream os;
-            os << p->name() << "[" << c << "]: analytic " << analytic << ", numeric " << numeric;
-            r.worst = os.str();
-        }
-    }
-    return r;
+    }, options);
 }
 
 // Mean over the targets that are not -100 of log Σ_v exp(logit_v) − logit_target, in double.
@@ -301,7 +266,7 @@ TEST_CASE("Transformer gradients match finite differences (2-layer dense Llama w
     INFO(describe(r));
     CHECK(r.ok);
     CHECK(r.checked == 2 * 21 + 4);  // embeddings, 2 × (2 norms + 4 attention + 3 mlp), final norm, head
-    CHECK(r.max_analytic > 1e-2);
+    CHECK(r.max_checked_grad > 1e-2);
 }
 
 TEST_CASE("Transformer gradients match finite differences (2-layer Switch, loss + auxiliary losses)",
