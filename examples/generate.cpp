@@ -113,6 +113,7 @@ int continue_prompt(const Options& o, Model& model) {
     all.insert(all.end(), cont.begin(), cont.end());
     const std::string text = tok.decode(all);
     std::printf("%s\n", text.c_str());
+    std::fflush(stdout);  // the text before the statistics on stderr, also when both go to a terminal
     const double tps = seconds > 0 ? static_cast<double>(cont.size()) / seconds : 0.0;
     std::fprintf(stderr, "generate: %s, %zu tokens in %.3f s (%.1f tokens/s; prompt %lld tokens)\n",
                  Model::structure().describe().c_str(), cont.size(), seconds, tps, static_cast<long long>(P));

@@ -80,7 +80,7 @@ data::Corpus load_split(const Options& o) {
     data::CorpusSplits splits = data::split_corpus(corpus, o.split_seed);
     data::Corpus& part = o.split == "train" ? splits.train : o.split == "validation" ? splits.validation : splits.test;
     usage_check(!part.docs.empty(), "--split ", o.split, " of --corpus ", o.corpus, " holds no document (the corpus has ",
-                corpus.docs.size(), "; a split needs about 10 per domain); use --split all to score every document");
+                corpus.docs.size(), " documents; a split needs about 10 per domain); use --split all to score all of them");
     return std::move(part);
 }
 
