@@ -60,3 +60,25 @@ TEST_CASE("models/switch-brown reproduces its recorded test perplexity and exper
     CHECK_THROWS_WITH(nn::Transformer<nn::Llama>::load(source / "models" / "switch-brown"),
                       Catch::Contains("config.json") && Catch::Contains("SwitchFFN"));
 }
+
+TEST_CASE("The base models' tokenizer round-trips the whole Brown corpus", "[models][data]") {
+    const auto brown = source / "data" / "brown";
+    if (!std::filesystem::exists(brown)) {
+        WARN("skipped: " << brown << " is missing (scripts/fetch_brown downloads it)");
+        return;
+    }
+    const data::Corpus corpus = data::read_brown(brown);
+    const data::Tokenizer tok = data::Tokenizer::load(source / "models" / "dense-brown" / "tokenizer.model");
+    REQUIRE(corpus.docs.size() == 500);
+    std::int64_t tokens = 0, unk = 0, mismatched = 0;
+    for (const data::Document& d : corpus.docs) {
+        const std::vector<std::int32_t> ids = tok.encode(d.text, /*add_bos=*/false);
+        tokens += static_cast<std::int64_t>(ids.size());
+        unk += std::count(ids.begin(), ids.end(), 0);
+        if (tok.decode(ids) != d.text) ++mismatched;
+    }
+    INFO(tokens << " tokens");
+    CHECK(mismatched == 0);
+    CHECK(unk == 0);
+    CHECK(tokens > 1'000'000);  // ~1.0 M words in a 4096-piece vocabulary
+}
