@@ -3,13 +3,41 @@
 // reset() rewinds without freeing; if a step overflowed the first block, reset() replaces all
 // blocks by one block of the high-water size, so from the second step on a fixed-shape step
 // allocates nothing from the heap.
+//
+// Blocks of 2 MiB or more are 2 MiB-aligned and advised as transparent huge pages (Linux): a new
+// block's first touch then costs one page fault per 2 MiB instead of one per 4 KiB. A model's
+// forward pass fills hundreds of MiB, and 4 KiB faults made a step with fresh blocks several
+// times slower than a warm one (more so with many threads faulting at once).
+#include <algorithm>
 #include <cstddef>
 #include <memory>
+#include <new>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "mopt/tensor/tensor.hpp"
 
 namespace mopt {
+
+namespace detail {
+inline constexpr std::size_t huge_page_bytes = std::size_t{2} << 20;
+
+struct HugeDelete {
+    void operator()(std::byte* p) const { ::operator delete[](p, std::align_val_t{huge_page_bytes}); }
+};
+// An arena block: a plain aligned buffer below 2 MiB, huge-page aligned and advised above.
+inline std::shared_ptr<std::byte> arena_block(std::size_t bytes) {
+    if (bytes < huge_page_bytes) return aligned_buffer(bytes);
+    bytes = (bytes + huge_page_bytes - 1) / huge_page_bytes * huge_page_bytes;
+    auto* p = static_cast<std::byte*>(::operator new[](bytes, std::align_val_t{huge_page_bytes}));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    (void)::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP the block works as before
+#endif
+    return {p, HugeDelete{}};
+}
+}  // namespace detail
 
 class Arena {
 public:
@@ -33,7 +61,7 @@ public:
         if (blocks_.size() > 1) {
             const std::size_t size = high_water_;
             blocks_.clear();
-            blocks_.push_back(Block{detail::aligned_buffer(size), size, 0});
+            blocks_.push_back(Block{detail::arena_block(size), size, 0});
         } else if (!blocks_.empty()) {
             blocks_.back().used = 0;
         }
@@ -57,7 +85,7 @@ private:
     static std::size_t round_up(std::size_t n) { return (n + tensor_alignment - 1) / tensor_alignment * tensor_alignment; }
     void grow(std::size_t at_least) {
         const std::size_t size = std::max({at_least, initial_, capacity()});
-        blocks_.push_back(Block{detail::aligned_buffer(size), size, 0});
+        blocks_.push_back(Block{detail::arena_block(size), size, 0});
     }
 
     std::vector<Block> blocks_;
