@@ -89,6 +89,9 @@ TEST_CASE("attention forward matches a naive triple loop", "[attention]") {
         {"single decoding step T = 1", 1, 1, 9, 4, 1, 4, {}},
         {"T < S with prefix and explicit scale", 1, 2, 8, 2, 2, 6, {.prefix = 4, .scale = 0.3f}},
         {"GQA large enough to run in parallel", 2, 32, 32, 8, 4, 16, {.prefix = 5}},
+        // More than one 64-row query block: the no-grad path reuses one score block per thread.
+        {"causal, three query blocks", 2, 150, 150, 4, 2, 8, {}},
+        {"T < S over two query blocks with a prefix", 1, 70, 100, 2, 1, 8, {.prefix = 3}},
     };
     std::uint64_t seed = 100;
     for (const auto& c : cases) check_forward(c, seed += 10);

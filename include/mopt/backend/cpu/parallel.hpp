@@ -24,6 +24,26 @@ namespace mopt::backend::cpu {
 #endif
 }
 
+// Per-thread scratch for a parallel_for body: take `level = nesting_level()` before the loop and
+// index the scratch with thread_slot(level) inside it. The slot is the thread's number in the
+// team parallel_for forked (< max_threads()), and 0 when the loop ran serially — also when the
+// caller itself runs inside someone else's parallel region.
+[[nodiscard]] inline int nesting_level() {
+#if defined(_OPENMP)
+    return omp_get_level();
+#else
+    return 0;
+#endif
+}
+[[nodiscard]] inline int thread_slot(int outer_level) {
+#if defined(_OPENMP)
+    return omp_get_level() > outer_level ? omp_get_thread_num() : 0;
+#else
+    (void)outer_level;
+    return 0;
+#endif
+}
+
 // Calls fn(i) for i in [0, n). `work_per_item` is a rough count of flops or bytes per item; the
 // loop is parallel only when n * work_per_item exceeds ~32k (below that a fork costs more).
 template <class Fn>
