@@ -108,44 +108,48 @@ struct SwitchFFN {
                           1, static_cast<std::int64_t>(std::ceil(capacity_factor * static_cast<float>(N * k) /
                                                                  static_cast<float>(E))))
                     : N * k;
-            std::vector<std::vector<std::int32_t>> rows(static_cast<std::size_t>(E)), slots(rows.size());
-            std::vector<std::int64_t> assigned(rows.size(), 0);
+            // A counting sort by expert, in token order within each expert: one pass counts, one
+            // fills; each expert's rows and slots are then contiguous slices of two arena arrays.
+            std::vector<std::int64_t> assigned(static_cast<std::size_t>(E), 0), kept(assigned.size(), 0);
             std::int64_t dropped = 0;
             const std::int32_t* idx = chosen.data<std::int32_t>();
-            for (std::int64_t r = 0; r < N; ++r)
-                for (std::int64_t j = 0; j < k; ++j) {
-                    const auto e = static_cast<std::size_t>(idx[r * k + j]);
-                    ++assigned[e];
-                    if (static_cast<std::int64_t>(rows[e].size()) >= capacity) {
-                        ++dropped;
-                        continue;
-                    }
-                    rows[e].push_back(static_cast<std::int32_t>(r));
-                    slots[e].push_back(static_cast<std::int32_t>(r * k + j));
-                }
+            for (std::int64_t a = 0; a < N * k; ++a) {
+                const auto e = static_cast<std::size_t>(idx[a]);
+                ++assigned[e];
+                if (kept[e] < capacity) ++kept[e];
+                else ++dropped;
+            }
+            std::vector<std::int64_t> begin(assigned.size() + 1, 0), fill(assigned.size(), 0);
+            for (std::size_t e = 0; e < assigned.size(); ++e) begin[e + 1] = begin[e] + kept[e];
+            Tensor all_rows = tape.alloc({std::max<std::int64_t>(begin.back(), 1)}, DType::i32);
+            Tensor all_slots = tape.alloc({std::max<std::int64_t>(begin.back(), 1)}, DType::i32);
+            for (std::int64_t a = 0; a < N * k; ++a) {
+                const auto e = static_cast<std::size_t>(idx[a]);
+                if (fill[e] == kept[e]) continue;  // over capacity (dropped above)
+                const std::int64_t at = begin[e] + fill[e]++;
+                all_rows.data<std::int32_t>()[at] = static_cast<std::int32_t>(a / k);
+                all_slots.data<std::int32_t>()[at] = static_cast<std::int32_t>(a);
+            }
 
-            // Σ_e scatter(weight · E_e(x_rows)): one gather and one scatter-add per busy expert.
+            // Σ_e scatter(weight · E_e(x_rows)): one gather per busy expert, whose weighted output
+            // is added in place into one [N, d] sum (an expert adds only its own rows).
             Var flat_weights = autodiff::reshape(weights, {N * k, 1});
-            Var out;
-            for (std::size_t e = 0; e < rows.size(); ++e) {
-                const auto n_e = static_cast<std::int64_t>(rows[e].size());
-                if (n_e == 0) continue;
-                Tensor row_ids = tape.alloc({n_e}, DType::i32), slot_ids = tape.alloc({n_e}, DType::i32);
-                std::copy(rows[e].begin(), rows[e].end(), row_ids.data<std::int32_t>());
-                std::copy(slots[e].begin(), slots[e].end(), slot_ids.data<std::int32_t>());
+            Var out = tape.constant(tape.zeros({N, d}));
+            for (std::size_t e = 0; e < assigned.size(); ++e) {
+                if (kept[e] == 0) continue;
+                const Tensor row_ids = all_rows.slice(begin[e], begin[e + 1]);
+                const Tensor slot_ids = all_slots.slice(begin[e], begin[e + 1]);
                 Var y = experts[e](tape, autodiff::gather_rows(x2, row_ids));
                 y = autodiff::scale_rows(y, autodiff::gather_rows(flat_weights, slot_ids));
-                Var contribution = autodiff::scatter_add_rows(y, row_ids, N);
-                out = out.defined() ? autodiff::add(out, contribution) : contribution;
+                out = autodiff::scatter_add_rows_into(out, y, row_ids);
             }
-            if (!out.defined()) out = tape.constant(tape.zeros({N, d}));  // every assignment dropped
 
             // Statistics and the auxiliary losses.
             ExpertStats s;
             s.layer = layer;
             s.tokens = N;
             s.dropped = dropped;
-            std::vector<double> mean_prob(rows.size(), 0.0);
+            std::vector<double> mean_prob(assigned.size(), 0.0);
             double entropy = 0.0;
             const float* p = probs.value().f32();
             for (std::int64_t r = 0; r < N; ++r)
@@ -156,7 +160,7 @@ struct SwitchFFN {
                 }
             s.router_entropy = entropy;
             Tensor f = tape.alloc({E});
-            for (std::size_t e = 0; e < rows.size(); ++e) {
+            for (std::size_t e = 0; e < assigned.size(); ++e) {
                 s.fraction.push_back(static_cast<double>(assigned[e]) / static_cast<double>(N * k));
                 f.f32()[e] = static_cast<float>(static_cast<double>(assigned[e]) / static_cast<double>(N));
                 s.aux_loss += static_cast<double>(E) * f.f32()[e] * mean_prob[e];

@@ -59,3 +59,33 @@ TEST_CASE("dispatch rows to an expert and combine them back", "[grad][routing]")
     INFO(s);
     REQUIRE(s.ok);
 }
+
+TEST_CASE("scatter_add_rows_into adds rows into its accumulator's buffer", "[grad][routing]") {
+    Tensor base = random_tensor({6, 3}, 5), src = random_tensor({4, 3}, 6), src2 = random_tensor({2, 3}, 7);
+    std::vector<std::int32_t> v{4, 1, 4, 0}, v2{5, 4};  // row 4 three times over the two calls
+    Tensor rows = Tensor::from({4}, std::span<const std::int32_t>(v));
+    Tensor rows2 = Tensor::from({2}, std::span<const std::int32_t>(v2));
+    Tape tape;
+    Tensor acc = tape.alloc({6, 3});
+    acc.copy_from(base);
+    Var sum = scatter_add_rows_into(scatter_add_rows_into(tape.constant(acc), tape.constant(src), rows),
+                                    tape.constant(src2), rows2);
+    REQUIRE(sum.value().raw() == acc.raw());  // no new [n, d] buffer
+    for (std::int64_t c = 0; c < 3; ++c) {
+        REQUIRE(sum.value().at(4 * 3 + c) == Approx(base.at(4 * 3 + c) + src.at(c) + src.at(2 * 3 + c) + src2.at(3 + c)));
+        REQUIRE(sum.value().at(5 * 3 + c) == Approx(base.at(5 * 3 + c) + src2.at(c)));
+        REQUIRE(sum.value().at(2 * 3 + c) == base.at(2 * 3 + c));  // a row no index names is unchanged
+    }
+    // Gradients reach the accumulator (through the op that made it) and both sources.
+    auto g = gradcheck(
+        [&](Tape&, std::span<const Var> a) {
+            return scatter_add_rows_into(scatter_add_rows_into(scale(a[0], 2.0f), a[1], rows), a[2], rows2);
+        },
+        {base, src, src2});
+    INFO(g);
+    REQUIRE(g.ok);
+    REQUIRE_THROWS_WITH(scatter_add_rows_into(tape.constant(base), tape.constant(src), rows),
+                        Catch::Contains("owns its storage"));
+    REQUIRE_THROWS_WITH(scatter_add_rows_into(tape.constant(acc), tape.constant(src2), rows),
+                        Catch::Contains("[n, d], [m, d] and [m]"));
+}

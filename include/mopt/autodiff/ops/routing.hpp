@@ -82,6 +82,52 @@ inline Var scatter_add_rows(const Var& src, const Tensor& rows, std::int64_t n) 
     return y;
 }
 
+// acc[rows[m]] += src[m], written into acc's own buffer, which becomes the output: a mixture of
+// experts sums its E experts' outputs into one [n, d] tensor at a cost of the routed rows only,
+// where scatter_add_rows followed by add costs a zero-filled [n, d] tensor and a pass over it per
+// expert. acc is consumed: it must be an arena tensor (an op output or tape.zeros) that nothing
+// reads afterwards, and its gradient is the output's (shared, not copied).
+// acc: [n, d] (consumed), src: [m, d], rows: i32 [m] -> [n, d]. Backward gathers into src.
+inline Var scatter_add_rows_into(const Var& acc, const Var& src, const Tensor& rows) {
+    const char* op = "scatter_add_rows_into";
+    const Tensor& ta = acc.value();
+    const Tensor& ts = src.value();
+    check(ta.rank() == 2 && ts.rank() == 2 && ta.dim(1) == ts.dim(1) && rows.rank() == 1 &&
+              rows.dim(0) == ts.dim(0),
+          op, ": acc ", ta.shape(), ", src ", ts.shape(), " and rows ", rows.shape(), " must be [n, d], [m, d] and [m]");
+    check(!ta.owns_storage(), op, ": acc of shape ", ta.shape(),
+          " owns its storage; it must be an arena tensor the op may overwrite (e.g. tape.zeros)");
+    ops_detail::expect_indices(op, rows, ta.dim(0), "row");
+    Tensor out = ta;  // same buffer
+    const std::int32_t* r = rows.data<std::int32_t>();
+    const std::int64_t m = ts.dim(0), d = ts.dim(1);
+    // Threads split the columns, so repeated rows never race.
+    const std::int64_t blocks = std::min<std::int64_t>((d + 15) / 16, 16);
+    ops_detail::parallel_for(blocks, m * d / blocks, [&](std::int64_t b) {
+        const std::int64_t c0 = d * b / blocks, c1 = d * (b + 1) / blocks;
+        float* o = out.f32();
+        const float* sp = ts.f32();
+        for (std::int64_t i = 0; i < m; ++i)
+            for (std::int64_t c = c0; c < c1; ++c) o[r[i] * d + c] += sp[i * d + c];
+    });
+    Var y = acc.tape().record(op, out, {acc, src}, [](Tape& t, Node& n) {
+        if (t.wants_grad(n, 0)) {
+            Node& in = t.node(n.in[0]);
+            if (!in.grad.defined()) in.grad = n.grad;  // d acc = d out; acc has no other reader
+            else ops_detail::add_into(in.grad.f32(), n.grad.f32(), n.grad.numel());
+        }
+        if (!t.wants_grad(n, 1)) return;
+        float* g = t.grad_of(n, 1).f32();
+        const std::int32_t* idx = n.saved[0].data<std::int32_t>();
+        const std::int64_t cols = n.grad.dim(1);
+        ops_detail::parallel_for(n.saved[0].numel(), cols, [&](std::int64_t i) {
+            for (std::int64_t c = 0; c < cols; ++c) g[i * cols + c] += n.grad.f32()[idx[i] * cols + c];
+        });
+    });
+    if (y.requires_grad()) acc.tape().node(y).saved[0] = rows;
+    return y;
+}
+
 // out[r, j] = x[r, idx[r, j]]. x: [n, e], idx: i32 [n, k] -> [n, k]. Backward scatters.
 inline Var gather(const Var& x, const Tensor& idx) {
     const char* op = "gather";
