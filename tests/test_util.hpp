@@ -6,7 +6,9 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <initializer_list>
 #include <optional>
 #include <random>
@@ -199,6 +201,18 @@ struct TempDir {
     TempDir(const TempDir&) = delete;
     TempDir& operator=(const TempDir&) = delete;
     std::filesystem::path operator/(const std::string& name) const { return path / name; }
+    // Writes `bytes` to the file `rel` below the folder (making its parent folders); returns its path.
+    std::filesystem::path write(const std::string& rel, const std::string& bytes) const {
+        const std::filesystem::path file = path / rel;
+        std::filesystem::create_directories(file.parent_path());
+        std::ofstream(file, std::ios::binary) << bytes;
+        return file;
+    }
+    // How many files and folders the folder holds (not recursively).
+    [[nodiscard]] std::size_t entries() const {
+        return static_cast<std::size_t>(std::distance(std::filesystem::directory_iterator(path),
+                                                      std::filesystem::directory_iterator{}));
+    }
 };
 
 #ifdef MOPT_SHARED_DIR
@@ -206,6 +220,9 @@ struct TempDir {
 inline std::filesystem::path shared_model(const std::string& name) {
     return std::filesystem::path(MOPT_SHARED_DIR) / "models" / name;
 }
+// The llama2.c stories260K model and its 512-token tokenizer (karpathy/tinyllamas).
+inline std::filesystem::path stories260k() { return shared_model("stories260K.bin"); }
+inline std::filesystem::path tok512() { return shared_model("tok512.bin"); }
 #endif
 
 // True when every file exists; otherwise WARNs "skipped: <what>: <file> missing" (Catch2 v2 has

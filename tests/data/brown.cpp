@@ -87,14 +87,13 @@ TEST_CASE("brown: tags stripped and text rebuilt with English spacing (synthetic
 }
 
 TEST_CASE("brown: a folder that is not the corpus is a clear error", "[data][brown][errors]") {
-    const fs::path tmp = fs::temp_directory_path() / ("mopt-brown-test-" + std::to_string(std::random_device{}()));
-    fs::create_directories(tmp);
+    const mopt::test::TempDir dir("mopt-brown-test");
+    const fs::path& tmp = dir.path;
     REQUIRE_THROWS_WITH(data::read_brown(tmp / "absent"), Catch::Contains("absent") && Catch::Contains("fetch_brown"));
     std::ofstream(tmp / "ca01") << "The/at dog/nn ./.";
     std::ofstream(tmp / "cb02") << "A/at cat/nn ./.";
     std::ofstream(tmp / "README") << "not a sample";
     REQUIRE_THROWS_WITH(data::read_brown(tmp), Catch::Contains("found 2 files") && Catch::Contains("500"));
-    fs::remove_all(tmp);
 }
 
 TEST_CASE("brown: 500 documents in 15 genres, no tags left, natural text", "[data][brown]") {

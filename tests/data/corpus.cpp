@@ -18,24 +18,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::random_device rd;
-        path = fs::temp_directory_path() / ("mopt-corpus-test-" + std::to_string(rd()) + "-" + std::to_string(rd()));
-        fs::create_directories(path);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-    fs::path write(const std::string& rel, const std::string& bytes) const {
-        const fs::path file = path / rel;
-        fs::create_directories(file.parent_path());
-        std::ofstream(file, std::ios::binary) << bytes;
-        return file;
-    }
-};
+using mopt::test::TempDir;
 
 // A corpus of `n` documents per domain, ids "<domain>-<i>".
 data::Corpus synthetic(const std::vector<std::pair<std::string, int>>& sizes) {

@@ -10,19 +10,18 @@
 #include <string>
 #include <vector>
 
+#include "test_util.hpp"
+
 using namespace mopt;
 namespace fs = std::filesystem;
 using data::Llama2cTokenizer;
 
 namespace {
 
-const fs::path tok512 = fs::path(MOPT_SHARED_DIR) / "models" / "tok512.bin";
+const fs::path tok512 = test::tok512();
 
-#define MOPT_REQUIRE_TOK512()                                                                         \
-    if (!fs::exists(tok512)) {                                                                        \
-        WARN(tok512.string() << " missing: skipping (download karpathy/tinyllamas stories260K/tok512.bin)"); \
-        return;                                                                                       \
-    }
+#define MOPT_REQUIRE_TOK512() \
+    if (!test::have_files({tok512})) return
 
 std::vector<char> read_bytes(const fs::path& file) {
     std::ifstream in(file, std::ios::binary);
@@ -33,18 +32,7 @@ void write_bytes(const fs::path& file, const std::vector<char>& bytes) {
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::random_device rd;
-        path = fs::temp_directory_path() / ("mopt-tok-test-" + std::to_string(rd()) + "-" + std::to_string(rd()));
-        fs::create_directories(path);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
+using mopt::test::TempDir;
 
 // A deliberately simple reference, written from the README alone: its own parser, linear search for
 // pieces, and a full rescan of the sequence for every merge.

@@ -20,18 +20,7 @@ using data::Tokenizer;
 
 namespace {
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::random_device rd;
-        path = fs::temp_directory_path() / ("mopt-spm-test-" + std::to_string(rd()) + "-" + std::to_string(rd()));
-        fs::create_directories(path);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
+using mopt::test::TempDir;
 
 std::string read_bytes(const fs::path& file) {
     std::ifstream in(file, std::ios::binary);

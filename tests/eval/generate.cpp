@@ -20,11 +20,8 @@ namespace {
 
 using Llama = nn::Transformer<nn::Llama>;
 
-const fs::path models_dir = fs::path(MOPT_SHARED_DIR) / "models";
-const fs::path stories260k = models_dir / "stories260K.bin";
-const fs::path tok512 = models_dir / "tok512.bin";
-
-bool have_stories() { return fs::exists(stories260k) && fs::exists(tok512); }
+const fs::path stories260k = test::stories260k();
+const fs::path tok512 = test::tok512();
 
 // A small random Llama whose logits are not flat (weights larger than the default init), so
 // greedy and sampled paths are not decided by rounding.
@@ -32,10 +29,7 @@ Llama small_model(std::int64_t max_seq = 64) {
     nn::ModelConfig c{.vocab_size = 37, .d_model = 32, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .d_ff = 48,
                       .max_seq = max_seq};
     Llama m(c, 11);
-    std::uint64_t seed = 100;
-    m.visit_parameters([&](autodiff::Parameter& p) {
-        if (p.shape().rank() == 2) p.value().copy_from(test::random_tensor(p.shape(), seed++, -0.4f, 0.4f));
-    });
+    test::randomize_matrices(m, 100, 0.4f);
     return m;
 }
 
@@ -67,10 +61,7 @@ TEST_CASE("generate: greedy with the KV cache equals greedy recomputing the sequ
     // Not a constant sequence (the check above would be weak on one).
     CHECK(std::set<std::int32_t>(cached.begin(), cached.end()).size() > 3);
 
-    if (!have_stories()) {
-        WARN("skipped the stories260K half: " << stories260k << " or " << tok512 << " missing");
-        return;
-    }
+    if (!test::have_files({stories260k, tok512}, "skipped the stories260K half")) return;
     Llama stories = io::import_llama2c<Llama>(stories260k);
     const auto tok = data::Llama2cTokenizer::load(tok512, 512);
     const auto p = tok.encode("Once upon a time, there was a little dog");
@@ -148,10 +139,7 @@ TEST_CASE("generate: positions beyond max_seq and bad options are clear errors",
 }
 
 TEST_CASE("generate: stories260K continues \"Once upon a time\" in English", "[generate]") {
-    if (!have_stories()) {
-        WARN("skipped: " << stories260k << " or " << tok512 << " missing (see ../shared/models/README.md)");
-        return;
-    }
+    if (!test::have_files({stories260k, tok512})) return;
     Llama model = io::import_llama2c<Llama>(stories260k);
     const auto tok = data::Llama2cTokenizer::load(tok512, model.config().vocab_size);
     std::vector<std::int32_t> ids = tok.encode("Once upon a time");

@@ -19,18 +19,14 @@ namespace {
 
 using Llama = nn::Transformer<nn::Llama>;
 
-const fs::path models_dir = fs::path(MOPT_SHARED_DIR) / "models";
-const fs::path stories260k = models_dir / "stories260K.bin";
-const fs::path tok512 = models_dir / "tok512.bin";
+const fs::path stories260k = test::stories260k();
+const fs::path tok512 = test::tok512();
 
 Llama small_model(std::int64_t max_seq = 64) {
     nn::ModelConfig c{.vocab_size = 29, .d_model = 32, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .d_ff = 40,
                       .max_seq = max_seq};
     Llama m(c, 3);
-    std::uint64_t seed = 200;
-    m.visit_parameters([&](autodiff::Parameter& p) {
-        if (p.shape().rank() == 2) p.value().copy_from(test::random_tensor(p.shape(), seed++, -0.3f, 0.3f));
-    });
+    test::randomize_matrices(m, 200, 0.3f);
     return m;
 }
 
@@ -128,10 +124,7 @@ TEST_CASE("perplexity: sliding windows predict every token exactly once", "[perp
 }
 
 TEST_CASE("perplexity: stories260K, more context means lower perplexity", "[perplexity]") {
-    if (!fs::exists(stories260k) || !fs::exists(tok512)) {
-        WARN("skipped: " << stories260k << " or " << tok512 << " missing (see ../shared/models/README.md)");
-        return;
-    }
+    if (!test::have_files({stories260k, tok512})) return;
     Llama model = io::import_llama2c<Llama>(stories260k);
     const auto tok = data::Llama2cTokenizer::load(tok512, 512);
     const std::string story =

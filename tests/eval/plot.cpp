@@ -14,6 +14,8 @@
 #include <tuple>
 #include <vector>
 
+#include "test_util.hpp"
+
 using namespace mopt::eval;
 namespace fs = std::filesystem;
 
@@ -217,22 +219,7 @@ std::vector<std::uint8_t> read_bytes(const fs::path& p) {
 
 Decoded decode_file(const fs::path& p) { return decode_png(read_bytes(p)); }
 
-// A fresh folder under the system temp folder, removed at the end of the test.
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::random_device rd;
-        path = fs::temp_directory_path() / ("mopt_plot_test_" + std::to_string(rd()) + std::to_string(rd()));
-        fs::create_directories(path);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-    [[nodiscard]] std::size_t count() const {
-        return static_cast<std::size_t>(std::distance(fs::directory_iterator(path), fs::directory_iterator()));
-    }
-};
+using mopt::test::TempDir;
 
 double luma(Rgb c) { return 0.299 * c.r + 0.587 * c.g + 0.114 * c.b; }
 
@@ -383,7 +370,7 @@ TEST_CASE("plot: a straight line lands on the expected pixels", "[plot]") {
     chart.series.push_back(s);  // one unlabelled series: no legend
     const auto file = dir.path / "line.png";
     write_png(file, chart, 640, 400);
-    CHECK(dir.count() == 1);  // no temporary file left behind
+    CHECK(dir.entries() == 1);  // no temporary file left behind
     const Decoded d = decode_file(file);
     REQUIRE(d.width == 640);
     REQUIRE(d.height == 400);
@@ -724,11 +711,11 @@ TEST_CASE("plot: bad input throws mopt::Error naming what is wrong", "[plot]") {
     TempDir dir;
     CHECK_THROWS_WITH(write_png(dir.path / "m.png", mismatched), Contains("m.png") && Contains("'valid'"));
     CHECK_THROWS_AS(write_png(dir.path / "no" / "such" / "dir.png", fine), mopt::Error);
-    CHECK(dir.count() == 0);
+    CHECK(dir.entries() == 0);
     // Writing again replaces the file atomically (same name, new content, no temporaries).
     write_png(dir.path / "f.png", fine, 320, 200);
     write_png(dir.path / "f.png", fine, 400, 250);
-    CHECK(dir.count() == 1);
+    CHECK(dir.entries() == 1);
     CHECK(decode_file(dir.path / "f.png").width == 400);
     CHECK_THROWS_AS(Image(0, 5), mopt::Error);
 }

@@ -29,20 +29,7 @@ using Gpt = nn::Transformer<nn::GPT>;
 
 const fs::path reference_dir = fs::path(MOPT_SOURCE_DIR) / "tests" / "reference";
 
-// A fresh folder under the system temp folder, removed with everything in it at scope exit.
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::random_device rd;
-        path = fs::temp_directory_path() / ("mopt-hf-" + std::to_string(rd()) + "-" + std::to_string(rd()));
-        fs::create_directories(path);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-    fs::path operator/(const std::string& name) const { return path / name; }
-};
+using mopt::test::TempDir;
 
 // The message of the mopt::Error that f throws ("" when it does not throw).
 template <class F>

@@ -19,25 +19,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path stories260k = fs::path(MOPT_SHARED_DIR) / "models" / "stories260K.bin";
+const fs::path stories260k = test::stories260k();
 
-// A fresh folder under the system's temporary directory, removed with everything in it.
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::random_device rd;
-        path = fs::temp_directory_path() /
-               ("mopt-llama2c-test-" + std::to_string(rd()) + "-" + std::to_string(rd()));
-        fs::create_directories(path);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-    [[nodiscard]] std::size_t entries() const {
-        return static_cast<std::size_t>(std::distance(fs::directory_iterator(path), fs::directory_iterator{}));
-    }
-};
+using mopt::test::TempDir;
 
 std::vector<char> read_bytes(const fs::path& file) {
     std::ifstream in(file, std::ios::binary);
@@ -130,10 +114,7 @@ Layout layout(const io::Llama2cConfig& c) {
 }  // namespace
 
 TEST_CASE("llama2c: the real stories260K checkpoint loads with the README's config", "[io][llama2c]") {
-    if (!fs::exists(stories260k)) {
-        WARN(stories260k.string() << " missing: skipping (download karpathy/tinyllamas stories260K/stories260K.bin)");
-        return;
-    }
+    if (!test::have_files({stories260k})) return;
     const io::Llama2cCheckpoint ck = io::load_llama2c(stories260k);
     const io::Llama2cConfig& c = ck.config;
     REQUIRE(c.dim == 64);

@@ -20,22 +20,10 @@ namespace {
 
 using Llama = nn::Transformer<nn::Llama>;
 
-const fs::path models_dir = fs::path(MOPT_SHARED_DIR) / "models";
-const fs::path stories260k = models_dir / "stories260K.bin";
-const fs::path tok512 = models_dir / "tok512.bin";
+const fs::path stories260k = test::stories260k();
+const fs::path tok512 = test::tok512();
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::random_device rd;
-        path = fs::temp_directory_path() / ("mopt-import-test-" + std::to_string(rd()) + "-" + std::to_string(rd()));
-        fs::create_directories(path);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
+using mopt::test::TempDir;
 
 // The forward pass of llama2.c's run.c, one position at a time with plain loops in double:
 // interleaved RoPE pairs (2i, 2i+1), grouped-query attention, RMSNorm eps 1e-5, SwiGLU, and the
@@ -167,10 +155,7 @@ TEST_CASE("interleaved_to_half_rows: new row j*half+i of each head is old row 2i
 }
 
 TEST_CASE("import_llama2c: stories260K logits match llama2.c's forward", "[llama2c]") {
-    if (!fs::exists(stories260k) || !fs::exists(tok512)) {
-        WARN("skipped: " << stories260k << " or " << tok512 << " missing (see ../shared/models/README.md)");
-        return;
-    }
+    if (!test::have_files({stories260k, tok512})) return;
     const auto ck = io::load_llama2c(stories260k);
     Llama model = io::import_llama2c<Llama>(stories260k);
     const nn::ModelConfig& c = model.config();
@@ -258,10 +243,7 @@ TEST_CASE("import_llama2c: unshared classifier, GQA and odd sizes match the refe
 }
 
 TEST_CASE("import_llama2c: a truncated checkpoint is an error naming the file", "[llama2c]") {
-    if (!fs::exists(stories260k)) {
-        WARN("skipped: " << stories260k << " missing (see ../shared/models/README.md)");
-        return;
-    }
+    if (!test::have_files({stories260k})) return;
     TempDir tmp;
     const fs::path cut = tmp.path / "cut-stories.bin";
     std::vector<char> bytes = read_bytes(stories260k);
@@ -301,10 +283,7 @@ TEST_CASE("tokenizer_next_to: the tokenizer file beside a checkpoint", "[llama2c
 }
 
 TEST_CASE("import_llama2c: a model type of another structure is refused", "[llama2c]") {
-    if (!fs::exists(stories260k)) {
-        WARN("skipped: " << stories260k << " missing (see ../shared/models/README.md)");
-        return;
-    }
+    if (!test::have_files({stories260k})) return;
     REQUIRE_THROWS_WITH(io::import_llama2c<nn::Transformer<nn::GPT>>(stories260k),
                         Catch::Contains("stories260K.bin") && Catch::Contains("LayerNorm"));
 }

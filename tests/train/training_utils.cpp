@@ -12,12 +12,6 @@ using namespace mopt;
 using mopt::autodiff::Parameter;
 
 namespace {
-std::filesystem::path fresh_dir(const std::string& name) {
-    auto dir = std::filesystem::temp_directory_path() / ("mopt_train_" + name + "_" + std::to_string(::getpid()));
-    std::filesystem::remove_all(dir);
-    std::filesystem::create_directories(dir);
-    return dir;
-}
 void fake_gradients(const std::vector<Parameter*>& ps, std::uint64_t seed) {
     for (auto* p : ps) p->grad().copy_from(test::random_tensor(p->shape(), seed++));
 }
@@ -40,7 +34,8 @@ TEST_CASE("WarmupCosine rises linearly, peaks after warmup and decays to min_rat
 
 TEST_CASE("Checkpoints restore weights and optimizer moments exactly; training continues identically",
           "[train][checkpoint]") {
-    const auto dir = fresh_dir("resume");
+    const test::TempDir tmp("mopt_train_resume");
+    const std::filesystem::path& dir = tmp.path;
     Parameter a("a", test::random_tensor({3, 4}, 1)), b("b", test::random_tensor({5}, 2));
     std::vector<Parameter*> ps{&a, &b};
     train::AdamW opt(ps, {.lr = 0.01f});
@@ -70,11 +65,11 @@ TEST_CASE("Checkpoints restore weights and optimizer moments exactly; training c
     }
     CHECK(std::memcmp(a2.value().f32(), a_ref.f32(), a_ref.bytes()) == 0);
     CHECK(std::memcmp(b2.value().f32(), b_ref.f32(), b_ref.bytes()) == 0);
-    std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("A failed or interrupted checkpoint write leaves the previous checkpoint in force", "[train][checkpoint]") {
-    const auto dir = fresh_dir("crash");
+    const test::TempDir tmp("mopt_train_crash");
+    const std::filesystem::path& dir = tmp.path;
     Parameter a("a", test::random_tensor({4}, 3));
     std::vector<Parameter*> ps{&a};
     train::SGD opt(ps, {.lr = 0.1f});
@@ -113,11 +108,11 @@ TEST_CASE("A failed or interrupted checkpoint write leaves the previous checkpoi
     std::vector<Parameter*> wrong{&other};
     CHECK_THROWS_WITH(train::load_latest_checkpoint(dir, wrong, opt), Catch::Contains("'other'"));
     CHECK_FALSE(train::load_latest_checkpoint(dir / "missing", ps, opt).has_value());
-    std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("CsvLog keeps only the rows up to the resumed step", "[train][csv]") {
-    const auto dir = fresh_dir("csv");
+    const test::TempDir tmp("mopt_train_csv");
+    const std::filesystem::path& dir = tmp.path;
     const auto file = dir / "log.csv";
     {
         train::CsvLog log(file, {"step", "loss"});
@@ -132,7 +127,6 @@ TEST_CASE("CsvLog keeps only the rows up to the resumed step", "[train][csv]") {
     CHECK(all == "step,loss\n1,1\n2,0.5\n3,0.3333333\n4,9\n");
     CHECK_THROWS_WITH(train::CsvLog(file, {"step", "other"}, 2), Catch::Contains("columns"));
     CHECK_THROWS_WITH(train::CsvLog(file, {"loss"}), Catch::Contains("'step'"));
-    std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("Progress prints step, loss, throughput and ETA", "[train][progress]") {
