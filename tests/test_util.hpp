@@ -12,8 +12,10 @@
 #include <initializer_list>
 #include <optional>
 #include <random>
+#include <span>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <vector>
 
@@ -22,6 +24,15 @@
 #include <mopt/mopt.hpp>
 
 namespace mopt::test {
+
+// The names most tests use, for a test file's `using namespace mopt::test;`.
+using mopt::DType;
+using mopt::Shape;
+using mopt::Tensor;
+using autodiff::NoGrad;
+using autodiff::Parameter;
+using autodiff::Tape;
+using autodiff::Var;
 
 // Uniform values in [lo, hi), reproducible from the seed.
 inline Tensor random_tensor(Shape shape, std::uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
@@ -182,7 +193,28 @@ inline FdResult check_layer_gradients(const LayerBuild& build, Tensor x, const s
     }, o);
 }
 
-// ---- Files ----
+// ---- Tokenizers and files ----
+
+// A tokenizer of single characters for small synthetic corpora: id 3 + (byte mod symbols), BOS 1,
+// EOS 2; decode drops the special ids.
+struct ByteTokenizer {
+    int symbols = 256;
+    [[nodiscard]] std::vector<std::int32_t> encode(std::string_view text, bool add_bos = true) const {
+        std::vector<std::int32_t> ids;
+        if (add_bos) ids.push_back(1);
+        for (unsigned char c : text) ids.push_back(3 + c % symbols);
+        return ids;
+    }
+    [[nodiscard]] std::string decode(std::span<const std::int32_t> ids) const {
+        std::string s;
+        for (auto i : ids)
+            if (i >= 3) s.push_back(static_cast<char>(i - 3));
+        return s;
+    }
+    [[nodiscard]] std::int64_t vocab_size() const { return 3 + symbols; }
+    [[nodiscard]] std::int32_t bos_id() const { return 1; }
+    [[nodiscard]] std::int32_t eos_id() const { return 2; }
+};
 
 // A fresh, uniquely named folder under the system temp folder, removed with everything in it at
 // scope exit (also when a REQUIRE fails).

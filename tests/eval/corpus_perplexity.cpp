@@ -7,24 +7,6 @@
 using namespace mopt;
 
 namespace {
-// A tokenizer of single bytes (ids 3..258) for small synthetic corpora.
-struct Bytes {
-    [[nodiscard]] std::vector<std::int32_t> encode(std::string_view text, bool add_bos = true) const {
-        std::vector<std::int32_t> ids;
-        if (add_bos) ids.push_back(1);
-        for (unsigned char c : text) ids.push_back(3 + c);
-        return ids;
-    }
-    [[nodiscard]] std::string decode(std::span<const std::int32_t> ids) const {
-        std::string s;
-        for (auto i : ids)
-            if (i >= 3) s.push_back(static_cast<char>(i - 3));
-        return s;
-    }
-    [[nodiscard]] std::int64_t vocab_size() const { return 259; }
-    [[nodiscard]] std::int32_t bos_id() const { return 1; }
-    [[nodiscard]] std::int32_t eos_id() const { return 2; }
-};
 
 data::Corpus two_domains() {
     data::Corpus c;
@@ -44,7 +26,7 @@ TEST_CASE("corpus_perplexity of uniform logits is the vocabulary size", "[perple
     model.visit_parameters([](autodiff::Parameter& p) {
         if (p.name() == "lm_head.weight") p.value().fill(0.0f);
     });
-    data::Batches batches(two_domains(), Bytes{}, {.batch_size = 3, .seq_len = 16, .seed = 0, .pad_tail = true});
+    data::Batches batches(two_domains(), test::ByteTokenizer{.symbols = 256}, {.batch_size = 3, .seq_len = 16, .seed = 0, .pad_tail = true});
     const eval::CorpusPerplexity p = eval::corpus_perplexity(model, batches);
     CHECK(p.ppl() == Approx(259.0).epsilon(1e-5));
     REQUIRE(p.domains.size() == 2);
@@ -57,7 +39,7 @@ TEST_CASE("corpus_perplexity of uniform logits is the vocabulary size", "[perple
 TEST_CASE("corpus_perplexity per-domain sums add up and match the model's loss", "[perplexity][corpus]") {
     nn::ModelConfig c{.vocab_size = 259, .d_model = 16, .n_layers = 2, .n_heads = 2, .d_ff = 24, .max_seq = 12};
     nn::Transformer<nn::Llama> model(c, 4);
-    data::Batches batches(two_domains(), Bytes{}, {.batch_size = 2, .seq_len = 12, .seed = 5});
+    data::Batches batches(two_domains(), test::ByteTokenizer{.symbols = 256}, {.batch_size = 2, .seq_len = 12, .seed = 5});
     const eval::CorpusPerplexity p = eval::corpus_perplexity(model, batches);
     double nll = 0.0;
     std::int64_t tokens = 0;

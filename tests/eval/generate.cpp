@@ -20,9 +20,6 @@ namespace {
 
 using Llama = nn::Transformer<nn::Llama>;
 
-const fs::path stories260k = test::stories260k();
-const fs::path tok512 = test::tok512();
-
 // A small random Llama whose logits are not flat (weights larger than the default init), so
 // greedy and sampled paths are not decided by rounding.
 Llama small_model(std::int64_t max_seq = 64) {
@@ -61,9 +58,9 @@ TEST_CASE("generate: greedy with the KV cache equals greedy recomputing the sequ
     // Not a constant sequence (the check above would be weak on one).
     CHECK(std::set<std::int32_t>(cached.begin(), cached.end()).size() > 3);
 
-    if (!test::have_files({stories260k, tok512}, "skipped the stories260K half")) return;
-    Llama stories = io::import_llama2c<Llama>(stories260k);
-    const auto tok = data::Llama2cTokenizer::load(tok512, 512);
+    if (!test::have_files({test::stories260k(), test::tok512()}, "skipped the stories260K half")) return;
+    Llama stories = io::import_llama2c<Llama>(test::stories260k());
+    const auto tok = data::Llama2cTokenizer::load(test::tok512(), 512);
     const auto p = tok.encode("Once upon a time, there was a little dog");
     const eval::GenerateOptions g{.steps = 50, .temperature = 0.0f, .stop_at_eos = false};
     CHECK(eval::generate(stories, p, g) == greedy_recompute(stories, p, 50));
@@ -139,9 +136,9 @@ TEST_CASE("generate: positions beyond max_seq and bad options are clear errors",
 }
 
 TEST_CASE("generate: stories260K continues \"Once upon a time\" in English", "[generate]") {
-    if (!test::have_files({stories260k, tok512})) return;
-    Llama model = io::import_llama2c<Llama>(stories260k);
-    const auto tok = data::Llama2cTokenizer::load(tok512, model.config().vocab_size);
+    if (!test::have_files({test::stories260k(), test::tok512()})) return;
+    Llama model = io::import_llama2c<Llama>(test::stories260k());
+    const auto tok = data::Llama2cTokenizer::load(test::tok512(), model.config().vocab_size);
     std::vector<std::int32_t> ids = tok.encode("Once upon a time");
     const auto cont = eval::generate(model, ids, {.steps = 60, .temperature = 0.0f, .stop_at_eos = false});
     REQUIRE(cont.size() == 60);

@@ -19,9 +19,6 @@ namespace {
 
 using Llama = nn::Transformer<nn::Llama>;
 
-const fs::path stories260k = test::stories260k();
-const fs::path tok512 = test::tok512();
-
 Llama small_model(std::int64_t max_seq = 64) {
     nn::ModelConfig c{.vocab_size = 29, .d_model = 32, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .d_ff = 40,
                       .max_seq = max_seq};
@@ -124,9 +121,9 @@ TEST_CASE("perplexity: sliding windows predict every token exactly once", "[perp
 }
 
 TEST_CASE("perplexity: stories260K, more context means lower perplexity", "[perplexity]") {
-    if (!test::have_files({stories260k, tok512})) return;
-    Llama model = io::import_llama2c<Llama>(stories260k);
-    const auto tok = data::Llama2cTokenizer::load(tok512, 512);
+    if (!test::have_files({test::stories260k(), test::tok512()})) return;
+    Llama model = io::import_llama2c<Llama>(test::stories260k());
+    const auto tok = data::Llama2cTokenizer::load(test::tok512(), 512);
     const std::string story =
         "Once upon a time, there was a little boy named Tim. Tim liked to play with his red ball in the park. "
         "One day, Tim saw a big dog. The dog was sad because he had no friends. Tim said, \"Do you want to play "

@@ -20,9 +20,6 @@ namespace {
 
 using Llama = nn::Transformer<nn::Llama>;
 
-const fs::path stories260k = test::stories260k();
-const fs::path tok512 = test::tok512();
-
 using mopt::test::TempDir;
 
 // The forward pass of llama2.c's run.c, one position at a time with plain loops in double:
@@ -155,9 +152,9 @@ TEST_CASE("interleaved_to_half_rows: new row j*half+i of each head is old row 2i
 }
 
 TEST_CASE("import_llama2c: stories260K logits match llama2.c's forward", "[llama2c]") {
-    if (!test::have_files({stories260k, tok512})) return;
-    const auto ck = io::load_llama2c(stories260k);
-    Llama model = io::import_llama2c<Llama>(stories260k);
+    if (!test::have_files({test::stories260k(), test::tok512()})) return;
+    const auto ck = io::load_llama2c(test::stories260k());
+    Llama model = io::import_llama2c<Llama>(test::stories260k());
     const nn::ModelConfig& c = model.config();
     CHECK(c.vocab_size == 512);
     CHECK(c.d_model == 64);
@@ -172,7 +169,7 @@ TEST_CASE("import_llama2c: stories260K logits match llama2.c's forward", "[llama
     expected += 5 * (2 * 64 + 64 * 64 * 2 + 32 * 64 * 2 + 3 * 172 * 64);
     CHECK(model.num_parameters() == expected);
 
-    const auto tok = data::Llama2cTokenizer::load(tok512, c.vocab_size);
+    const auto tok = data::Llama2cTokenizer::load(test::tok512(), c.vocab_size);
     const auto ids = tok.encode("Once upon a time, there was a little girl named Lily. She loved to play outside.");
     REQUIRE(ids.size() > 15);
     const Tensor got = mopt_logits(model, ids);
@@ -193,7 +190,7 @@ TEST_CASE("import_llama2c: stories260K logits match llama2.c's forward", "[llama
     CHECK(tok.vocab_piece(best) == " time");
 
     // load_model picks the llama2.c reader for a .bin and gives the same model.
-    Llama again = io::load_model<Llama>(stories260k);
+    Llama again = io::load_model<Llama>(test::stories260k());
     const Tensor got2 = mopt_logits(again, ids);
     CHECK(std::equal(got.span().begin(), got.span().end(), got2.span().begin()));
 }
@@ -243,10 +240,10 @@ TEST_CASE("import_llama2c: unshared classifier, GQA and odd sizes match the refe
 }
 
 TEST_CASE("import_llama2c: a truncated checkpoint is an error naming the file", "[llama2c]") {
-    if (!test::have_files({stories260k})) return;
+    if (!test::have_files({test::stories260k()})) return;
     TempDir tmp;
     const fs::path cut = tmp.path / "cut-stories.bin";
-    std::vector<char> bytes = read_bytes(stories260k);
+    std::vector<char> bytes = read_bytes(test::stories260k());
     bytes.resize(bytes.size() / 2);
     std::ofstream(cut, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     REQUIRE_THROWS_WITH(io::import_llama2c<Llama>(cut), Catch::Contains("cut-stories.bin") &&
@@ -283,8 +280,8 @@ TEST_CASE("tokenizer_next_to: the tokenizer file beside a checkpoint", "[llama2c
 }
 
 TEST_CASE("import_llama2c: a model type of another structure is refused", "[llama2c]") {
-    if (!test::have_files({stories260k})) return;
-    REQUIRE_THROWS_WITH(io::import_llama2c<nn::Transformer<nn::GPT>>(stories260k),
+    if (!test::have_files({test::stories260k()})) return;
+    REQUIRE_THROWS_WITH(io::import_llama2c<nn::Transformer<nn::GPT>>(test::stories260k()),
                         Catch::Contains("stories260K.bin") && Catch::Contains("LayerNorm"));
 }
 

@@ -14,19 +14,7 @@
 
 #include "test_util.hpp"
 
-using mopt::DType;
-using mopt::Shape;
-using mopt::Tensor;
-using mopt::autodiff::NoGrad;
-using mopt::autodiff::Parameter;
-using mopt::autodiff::Tape;
-using mopt::autodiff::Var;
-using mopt::test::check_layer_gradients;
-using mopt::test::describe;
-using mopt::test::FdResult;
-using mopt::test::parameters_of;
-using mopt::test::random_tensor;
-using mopt::test::randomize;
+using namespace mopt::test;
 
 namespace {
 

@@ -15,12 +15,6 @@
 
 #include "test_util.hpp"
 
-using mopt::Shape;
-using mopt::Tensor;
-using mopt::autodiff::NoGrad;
-using mopt::autodiff::Parameter;
-using mopt::autodiff::Tape;
-using mopt::autodiff::Var;
 using mopt::nn::EveryOtherLayer;
 using mopt::nn::ExpertStats;
 using mopt::nn::FeedForwardContext;
@@ -28,12 +22,7 @@ using mopt::nn::ModelConfig;
 using mopt::nn::SwitchFFN;
 using mopt::nn::Top1;
 using mopt::nn::TopK;
-using mopt::test::check_layer_gradients;
-using mopt::test::describe;
-using mopt::test::FdResult;
-using mopt::test::parameters_of;
-using mopt::test::random_tensor;
-using mopt::test::randomize;
+using namespace mopt::test;
 
 namespace {
 

@@ -14,19 +14,10 @@
 
 #include "test_util.hpp"
 
-using mopt::DType;
-using mopt::Shape;
-using mopt::Tensor;
-using mopt::autodiff::NoGrad;
-using mopt::autodiff::Parameter;
-using mopt::autodiff::Tape;
-using mopt::autodiff::Var;
 using mopt::nn::ForwardOptions;
 using mopt::nn::ModelConfig;
 using mopt::nn::Transformer;
-using mopt::test::describe;
-using mopt::test::FdResult;
-using mopt::test::random_ids;
+using namespace mopt::test;
 
 namespace nn = mopt::nn;
 
@@ -64,7 +55,7 @@ bool is_norm(const std::string& name) { return name.find("norm") != std::string:
 // Replaces the small default init with values that make every path matter: matrices uniform in
 // [-scale, scale), routers in [-1, 1) (clear routing margins), norm weights 1 ± 0.2, biases ± 0.2.
 template <class M>
-void randomize(M& model, std::uint64_t seed, float scale = 0.4f) {
+void randomize_model(M& model, std::uint64_t seed, float scale = 0.4f) {
     model.visit_parameters([&](Parameter& p) {
         const bool norm = is_norm(p.name()), bias = p.name().ends_with(".bias");
         const bool router = p.name().find("block_sparse_moe.gate.") != std::string::npos;
@@ -242,7 +233,7 @@ TEST_CASE("next_token_targets shifts ids left and ends each row with -100", "[nn
 
 TEST_CASE("Transformer loss is the mean cross-entropy of its logits", "[nn][transformer]") {
     DenseLlama model(tiny_config(), 1);
-    randomize(model, 100);
+    randomize_model(model, 100);
     const Tensor ids = random_ids({2, 6}, 3, 11);
     Tensor targets = nn::next_token_targets(ids);
     targets.data<std::int32_t>()[2] = -100;  // an ignored target inside a row too
@@ -258,7 +249,7 @@ TEST_CASE("Transformer loss is the mean cross-entropy of its logits", "[nn][tran
 TEST_CASE("Transformer gradients match finite differences (2-layer dense Llama with GQA)",
           "[nn][transformer][grad]") {
     DenseLlama model(tiny_config(), 2);
-    randomize(model, 200);
+    randomize_model(model, 200);
     const Tensor ids = random_ids({2, 5}, 4, 11);
     const Tensor targets = nn::next_token_targets(ids);
     const FdResult r = model_fd(
@@ -274,7 +265,7 @@ TEST_CASE("Transformer gradients match finite differences (2-layer Switch, loss 
     SwitchLlama model(tiny_moe_config(), 3);
     // A draw whose routing margins exceed what any ±eps perturbation moves (guarded below) and in
     // which every expert of both layers gets tokens.
-    randomize(model, 306);
+    randomize_model(model, 306);
     const Tensor ids = random_ids({2, 5}, 5, 11);
     const Tensor targets = nn::next_token_targets(ids);
     // The routing must not change under the perturbations: compare the experts' shares each time.
@@ -344,7 +335,7 @@ TEST_CASE("GPT family (LayerNorm, learned positions, GELU) runs and its gradient
     CHECK(std::count(names.begin(), names.end(), "model.norm.bias") == 1);
     CHECK(std::count(names.begin(), names.end(), "model.layers.1.mlp.gate_proj.weight") == 0);
     CHECK(find(model, "model.embed_positions.weight").shape() == Shape{16, 8});
-    randomize(model, 500);
+    randomize_model(model, 500);
     const Tensor ids = random_ids({2, 5}, 7, 11);
     const Tensor targets = nn::next_token_targets(ids);
     {
@@ -372,7 +363,7 @@ TEST_CASE("KV-cache decoding gives the logits of one full forward", "[nn][transf
     const Tensor ids = random_ids({2, 7}, 9, 11);
     SECTION("dense Llama (rotary, GQA)") {
         DenseLlama model(tiny_config(), 6);
-        randomize(model, 600);
+        randomize_model(model, 600);
         const double rel = cache_vs_full(model, ids);
         INFO("relative difference " << rel);
         CHECK(rel <= 1e-5);
@@ -381,14 +372,14 @@ TEST_CASE("KV-cache decoding gives the logits of one full forward", "[nn][transf
         ModelConfig c = tiny_config();
         c.n_kv_heads = 0;
         Gpt model(c, 7);
-        randomize(model, 700);
+        randomize_model(model, 700);
         const double rel = cache_vs_full(model, ids);
         INFO("relative difference " << rel);
         CHECK(rel <= 1e-5);
     }
     SECTION("Switch (Top1)") {
         SwitchLlama model(tiny_moe_config(), 8);
-        randomize(model, 800);
+        randomize_model(model, 800);
         const double rel = cache_vs_full(model, ids);
         INFO("relative difference " << rel);
         CHECK(rel <= 1e-5);
@@ -459,8 +450,8 @@ TEST_CASE("Tied and untied output heads", "[nn][transformer]") {
     CHECK(untied.num_parameters() - tied.num_parameters() == 11 * 8);
     CHECK(untied.parameter_bytes() - tied.parameter_bytes() == 11 * 8 * 4);
 
-    randomize(tied, 900);
-    randomize(untied, 900);
+    randomize_model(tied, 900);
+    randomize_model(untied, 900);
     Parameter& head = find(untied, "lm_head.weight");
     Parameter& embed_u = find(untied, "model.embed_tokens.weight");
     std::copy_n(embed_u.value().f32(), embed_u.numel(), head.value().f32());

@@ -9,24 +9,6 @@
 using namespace mopt;
 
 namespace {
-// Characters as tokens (ids 3..130 for ASCII), BOS 1, EOS 2.
-struct Chars {
-    [[nodiscard]] std::vector<std::int32_t> encode(std::string_view text, bool add_bos = true) const {
-        std::vector<std::int32_t> ids;
-        if (add_bos) ids.push_back(1);
-        for (unsigned char c : text) ids.push_back(3 + (c & 127));
-        return ids;
-    }
-    [[nodiscard]] std::string decode(std::span<const std::int32_t> ids) const {
-        std::string s;
-        for (auto i : ids)
-            if (i >= 3) s.push_back(static_cast<char>(i - 3));
-        return s;
-    }
-    [[nodiscard]] std::int64_t vocab_size() const { return 131; }
-    [[nodiscard]] std::int32_t bos_id() const { return 1; }
-    [[nodiscard]] std::int32_t eos_id() const { return 2; }
-};
 
 data::Corpus tiny_corpus() {
     data::Corpus c;
@@ -44,7 +26,7 @@ std::pair<double, double> train_tiny(nn::ModelConfig c) {
     std::vector<autodiff::Parameter*> params;
     model.visit_parameters([&](autodiff::Parameter& p) { params.push_back(&p); });
     train::AdamW opt(params, {.lr = 1e-2f, .weight_decay = 0.0f});
-    data::Batches batches(tiny_corpus(), Chars{}, {.batch_size = 4, .seq_len = 24, .seed = 3});
+    data::Batches batches(tiny_corpus(), test::ByteTokenizer{.symbols = 128}, {.batch_size = 4, .seq_len = 24, .seed = 3});
     autodiff::Tape tape;
     data::Batch b;
     double first = 0.0, last = 0.0;
