@@ -159,12 +159,9 @@ int main(int argc, char** argv) {
         po::options_description opts(
             "generate: continue a prompt with a pretrained model (llama2.c .bin or Hugging Face folder)\n"
             "usage: generate --model PATH --prompt TEXT [options]");
-        opts.add_options()("help,h", "show this help")
-            ("model", po::value(&o.model)->required(),
-             "llama2.c checkpoint (.bin) or Hugging Face folder / config.json (dense Llama, Switch, Mixtral or GPT)")
-            ("tokenizer", po::value(&o.tokenizer),
-             "SentencePiece .model or llama2.c tokenizer .bin; default: tokenizer.model in a model folder, "
-             "tok<vocab>.bin or tokenizer.bin next to a .bin model")
+        opts.add_options()("help,h", "show this help");
+        examples::add_model_options(opts, o.model, o.tokenizer);
+        opts.add_options()
             ("prompt", po::value(&o.prompt)->required(), "text to continue")
             ("steps", po::value(&o.steps)->default_value(o.steps), "tokens to generate (fewer if the model ends the text)")
             ("temperature", po::value(&o.temperature)->default_value(o.temperature), "sampling temperature; 0 = greedy")
@@ -181,9 +178,7 @@ int main(int argc, char** argv) {
         usage_check(std::isfinite(o.top_p) && o.top_p > 0.0f && o.top_p <= 1.0f, "--top-p must be in (0, 1], got ",
                     o.top_p);
         usage_check(!o.prompt.empty(), "--prompt is empty; give some text to continue");
-        usage_check(fs::exists(o.model), "--model ", fs::path(o.model), ": no such file or folder");
-        usage_check(o.tokenizer.empty() || fs::is_regular_file(o.tokenizer), "--tokenizer ", fs::path(o.tokenizer),
-                    ": no such file");
+        examples::check_model_paths(o.model, o.tokenizer);
         return examples::with_model(o.model, [&](auto& model) { return continue_prompt(o, model); });
     });
 }

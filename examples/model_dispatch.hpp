@@ -114,4 +114,23 @@ inline data::Tokenizer load_tokenizer(const std::string& flag, const std::filesy
     return tok;
 }
 
+// The --model and --tokenizer flags every example that runs a pretrained model takes.
+inline void add_model_options(boost::program_options::options_description& opts, std::string& model,
+                              std::string& tokenizer) {
+    namespace po = boost::program_options;
+    opts.add_options()
+        ("model", po::value(&model)->required(),
+         "llama2.c checkpoint (.bin) or Hugging Face folder / config.json (dense Llama, Switch, Mixtral or GPT)")
+        ("tokenizer", po::value(&tokenizer),
+         "SentencePiece .model or llama2.c tokenizer .bin; default: tokenizer.model in a model folder, "
+         "tok<vocab>.bin or tokenizer.bin next to a .bin model");
+}
+// Usage errors for a --model or --tokenizer path that does not exist.
+inline void check_model_paths(const std::string& model, const std::string& tokenizer) {
+    namespace fs = std::filesystem;
+    cli::usage_check(fs::exists(model), "--model ", fs::path(model), ": no such file or folder");
+    cli::usage_check(tokenizer.empty() || fs::is_regular_file(tokenizer), "--tokenizer ", fs::path(tokenizer),
+                     ": no such file");
+}
+
 }  // namespace mopt::examples

@@ -191,12 +191,9 @@ int main(int argc, char** argv) {
             "perplexity: score a text file or a corpus split with a pretrained model (llama2.c .bin or Hugging Face "
             "folder)\n"
             "usage: perplexity --model PATH (--text FILE | --corpus brown|PATH --split SPLIT) [options]");
-        opts.add_options()("help,h", "show this help")
-            ("model", po::value(&o.model)->required(),
-             "llama2.c checkpoint (.bin) or Hugging Face folder / config.json (dense Llama, Switch, Mixtral or GPT)")
-            ("tokenizer", po::value(&o.tokenizer),
-             "SentencePiece .model or llama2.c tokenizer .bin; default: tokenizer.model in a model folder, "
-             "tok<vocab>.bin or tokenizer.bin next to a .bin model")
+        opts.add_options()("help,h", "show this help");
+        examples::add_model_options(opts, o.model, o.tokenizer);
+        opts.add_options()
             ("json", po::value(&o.json), "also write the result as JSON to this file ('-': print it instead of the report)");
         po::options_description text_opts("--text: one text file");
         text_opts.add_options()
@@ -249,9 +246,7 @@ int main(int argc, char** argv) {
             usage_check(o.seq_len >= 0, "--seq-len must be >= 0 (0 = the model's max_seq), got ", o.seq_len);
             usage_check(o.batch > 0, "--batch must be positive, got ", o.batch);
         }
-        usage_check(fs::exists(o.model), "--model ", fs::path(o.model), ": no such file or folder");
-        usage_check(o.tokenizer.empty() || fs::is_regular_file(o.tokenizer), "--tokenizer ", fs::path(o.tokenizer),
-                    ": no such file");
+        examples::check_model_paths(o.model, o.tokenizer);
 
         return examples::with_model(o.model, [&](auto& model) {
             fs::path tok_path;
