@@ -15,6 +15,7 @@
 #include "mopt/nn/config.hpp"
 #include "mopt/nn/kv_cache.hpp"
 #include "mopt/nn/linear.hpp"
+#include "mopt/nn/linear_role.hpp"
 
 namespace mopt::nn {
 
@@ -88,6 +89,11 @@ struct Attention {
             k_proj.visit(f);
             v_proj.visit(f);
             o_proj.visit(f);
+        }
+        // f(Linear&, LinearRole) for the four projections.
+        template <class F>
+        void visit_linears(F&& f) {
+            for (Linear* l : {&q_proj, &k_proj, &v_proj, &o_proj}) f(*l, LinearRole::attention);
         }
     };
 };

@@ -13,6 +13,7 @@
 #include "mopt/autodiff/ops.hpp"
 #include "mopt/nn/config.hpp"
 #include "mopt/nn/linear.hpp"
+#include "mopt/nn/linear_role.hpp"
 
 namespace mopt::nn {
 
@@ -67,6 +68,12 @@ struct Mlp {
         up.visit(f);
         down.visit(f);
     }
+    template <class F>
+    void visit_linears(F&& f, LinearRole role) {
+        if constexpr (Act::gated) f(gate, role);
+        f(up, role);
+        f(down, role);
+    }
 };
 
 // Per-layer expert statistics of one forward pass (empty for dense layers).
@@ -103,6 +110,10 @@ struct DenseFFN {
         template <class F>
         void visit(F&& f) {
             mlp.visit(f);
+        }
+        template <class F>
+        void visit_linears(F&& f) {
+            mlp.visit_linears(f, LinearRole::ffn);
         }
     };
 };

@@ -194,6 +194,15 @@ struct SwitchFFN {
             router.visit(f);
             for (auto& e : experts) e.visit(f);
         }
+        template <class F>
+        void visit_linears(F&& f) {
+            if (!moe) {
+                dense.visit_linears(f, LinearRole::ffn);
+                return;
+            }
+            f(router, LinearRole::router);
+            for (auto& e : experts) e.visit_linears(f, LinearRole::expert);
+        }
     };
 };
 

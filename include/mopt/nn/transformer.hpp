@@ -148,33 +148,64 @@ public:
     ForwardOutput forward(Tape& tape, const Tensor& ids, ForwardOptions opt = {}) {
         check(ids.rank() == 2 && ids.dtype() == DType::i32, "Transformer::forward: ids must be i32 [batch, seq], got ",
               name(ids.dtype()), " of shape ", ids.shape());
-        const std::int64_t B = ids.dim(0), T = ids.dim(1);
+        const std::int64_t T = ids.dim(1);
         const std::int64_t start = opt.cache != nullptr ? opt.cache->length() : 0;
         check(T > 0, "Transformer::forward: empty sequence (ids of shape ", ids.shape(), ")");
         check(start + T <= config_.max_seq, "Transformer::forward: positions up to ", start + T,
               " exceed the model's context max_seq = ", config_.max_seq);
         ForwardOutput out;
-        Var table = tape.parameter(embed_tokens_);
-        Var x = autodiff::embedding(table, ids);  // [B, T, d]
+        Var x = embed(tape, ids, start);  // [B, T, d]
+        AttentionContext actx{.prefix = 0, .start_pos = start, .cache = opt.cache};
+        FeedForwardContext fctx{.stats = &out.experts};
+        for (std::size_t l = 0; l < blocks_.size(); ++l) x = block(tape, l, x, actx, fctx);
+        if (opt.cache != nullptr) opt.cache->advance(T);
+        out.logits = head(tape, x);
+        if (opt.targets != nullptr) out.loss = autodiff::cross_entropy(out.logits, *opt.targets);
+        out.aux_loss = fctx.aux_loss;
+        return out;
+    }
+
+    // The pieces of forward(), for code that runs the model layer by layer (calibration of
+    // compression streams one block at a time; prompts enter between blocks).
+    // Token (and learned position) embeddings. ids: i32 [B, T] -> [B, T, d]; positions from `start`.
+    Var embed(Tape& tape, const Tensor& ids, std::int64_t start = 0) {
+        const std::int64_t B = ids.dim(0), T = ids.dim(1);
+        Var x = autodiff::embedding(tape.parameter(embed_tokens_), ids);
         if constexpr (AttentionPolicy::learned_positions) {
             Tensor pos = tape.alloc({B, T}, DType::i32);
             for (std::int64_t i = 0; i < B * T; ++i) pos.data<std::int32_t>()[i] = static_cast<std::int32_t>(start + i % T);
             x = autodiff::add(x, autodiff::embedding(tape.parameter(embed_positions_), pos));
         }
-        AttentionContext actx{.prefix = 0, .start_pos = start, .cache = opt.cache};
-        FeedForwardContext fctx{.stats = &out.experts};
-        for (std::size_t l = 0; l < blocks_.size(); ++l) {
-            Block& b = blocks_[l];
-            actx.layer = static_cast<std::int64_t>(l);
-            x = autodiff::add(x, b.attn(tape, b.attn_norm(tape, x), actx));
-            x = autodiff::add(x, b.ffn(tape, b.ffn_norm(tape, x), fctx));
+        return x;
+    }
+    // Block l, pre-norm residual: x += attn(norm(x)); x += ffn(norm(x)). x: [B, T, d] -> [B, T, d]
+    Var block(Tape& tape, std::size_t l, Var x, AttentionContext& actx, FeedForwardContext& fctx) {
+        check(l < blocks_.size(), "Transformer::block: layer ", l, " of a ", blocks_.size(), "-layer model");
+        Block& b = blocks_[l];
+        actx.layer = static_cast<std::int64_t>(l);
+        x = autodiff::add(x, b.attn(tape, b.attn_norm(tape, x), actx));
+        return autodiff::add(x, b.ffn(tape, b.ffn_norm(tape, x), fctx));
+    }
+    // Final norm and output head. x: [B, T, d] -> logits [B, T, vocab]
+    Var head(Tape& tape, const Var& x) {
+        Var h = final_norm_(tape, x);
+        return autodiff::linear(h, tape.parameter(config_.tie_embeddings ? embed_tokens_ : lm_head_));
+    }
+
+    // Calls f(Linear&, LinearRole) for every projection of every block (attention, feed-forward,
+    // experts, routers) in checkpoint order — what compression walks.
+    template <class F>
+    void visit_linears(F&& f) {
+        for (Block& b : blocks_) {
+            b.attn.visit_linears(f);
+            b.ffn.visit_linears(f);
         }
-        if (opt.cache != nullptr) opt.cache->advance(T);
-        x = final_norm_(tape, x);
-        out.logits = autodiff::linear(x, config_.tie_embeddings ? table : tape.parameter(lm_head_));
-        if (opt.targets != nullptr) out.loss = autodiff::cross_entropy(out.logits, *opt.targets);
-        out.aux_loss = fctx.aux_loss;
-        return out;
+    }
+    // Same, for block l only.
+    template <class F>
+    void visit_linears(std::size_t l, F&& f) {
+        blocks_.at(l).attn.visit_linears(f);
+        blocks_.at(l).ffn.visit_linears(f);
     }
 
     // Calls f(Parameter&) for every parameter, in checkpoint order.
