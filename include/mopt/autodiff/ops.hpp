@@ -2,6 +2,7 @@
 // All differentiable CPU ops, one file per family.
 #include "mopt/autodiff/ops/elementwise.hpp"
 #include "mopt/autodiff/ops/linear.hpp"
+#include "mopt/autodiff/ops/packed_linear.hpp"
 #include "mopt/autodiff/ops/activation.hpp"
 #include "mopt/autodiff/ops/norm.hpp"
 #include "mopt/autodiff/ops/softmax.hpp"

@@ -34,6 +34,7 @@ struct Node {
     std::array<Tensor, 3> saved{};         // extra tensors the backward needs (stats, indices, targets)
     std::array<double, 4> f{};             // scalar attributes (eps, scale, theta, ...)
     std::array<std::int64_t, 4> i{};       // integer attributes (axis, offsets, ...)
+    const void* context = nullptr;         // a persistent object the op reads (a packed weight)
 };
 
 namespace detail {
