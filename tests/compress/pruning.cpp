@@ -5,15 +5,25 @@
 #include <random>
 #include <sstream>
 
-#include "test_util.hpp"
+#include <catch2/catch.hpp>
 
 #include <mopt/compress/input_stats.hpp>
 #include <mopt/compress/prune.hpp>
+#include <mopt/tensor/eigen.hpp>
 
-using namespace mopt::test;
+using mopt::Tensor;
 using namespace mopt::compress;
 
 namespace {
+
+// Uniform values in [lo, hi), reproducible from the seed.
+Tensor random_tensor(mopt::Shape shape, std::uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
+    std::mt19937_64 rng(seed);
+    std::uniform_real_distribution<float> dist(lo, hi);
+    Tensor t = Tensor::empty(shape);
+    for (auto& v : t.span()) v = dist(rng);
+    return t;
+}
 
 // Correlated activations X [n, in]: Z · A (Gaussian Z, random mixing A), columns scaled by factors
 // in [1/√10, √10], and every 17th column 5x larger (the outlier features LLMs show).
