@@ -7,7 +7,7 @@
 // io::read_hf_config), finds the first type below that computes the same function (the family's name
 // is only a label, as load_hf sees it) and calls f(model) with a Model& of that type:
 //
-//   DenseLlama          nn::Transformer<nn::Llama>                      LlamaForCausalLM, MoptForCausalLM
+//   DenseLlama          nn::Transformer<nn::Llama, …, compress::Any>    LlamaForCausalLM, MoptForCausalLM
 //   SwitchEveryOther    Llama + SwitchFFN<Top1, EveryOtherLayer>        MoptForCausalLM (models/switch-brown)
 //   SwitchEveryLayer    Llama + SwitchFFN<Top1, EveryLayer>             MoptForCausalLM
 //   Mixtral             Llama + SwitchFFN<TopK, EveryLayer>             MixtralForCausalLM
@@ -28,11 +28,13 @@
 
 namespace mopt::examples {
 
-using DenseLlama = nn::Transformer<nn::Llama>;
-using SwitchEveryOther = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryOtherLayer>>;
-using SwitchEveryLayer = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryLayer>>;
-using Mixtral = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::TopK, nn::EveryLayer>>;
-using Gpt = nn::Transformer<nn::GPT>;
+// compress::Any: each type also loads a compressed checkpoint (examples/compress writes them) and
+// can be compressed by a recipe given at run time.
+using DenseLlama = nn::Transformer<nn::Llama, nn::Llama::FFN, compress::Any>;
+using SwitchEveryOther = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryOtherLayer>, compress::Any>;
+using SwitchEveryLayer = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryLayer>, compress::Any>;
+using Mixtral = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::TopK, nn::EveryLayer>, compress::Any>;
+using Gpt = nn::Transformer<nn::GPT, nn::GPT::FFN, compress::Any>;
 
 namespace detail {
 

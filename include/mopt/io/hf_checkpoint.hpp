@@ -11,6 +11,12 @@
 // same (Hugging Face) name. A missing tensor, an extra one, or a shape that differs is a mopt::Error
 // naming the file, the tensor and both shapes: a checkpoint either loads exactly or not at all.
 // bf16/f16 files are widened to f32 on reading (exact).
+//
+// A compressed model (compress/compress_model.hpp) saves its packed projections as the tensors of
+// their packed format (name.qweight, name.scales, …; only F32 and I32) and describes them in
+// config.json under "mopt_compression": {"recipe": {…}, "layers": {name: format metadata}}. Such a
+// checkpoint loads only into a type whose Compression slot compresses (compress::Any, Prune<…>, …);
+// compress::None refuses it with a message saying so.
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -23,6 +29,9 @@
 #include <nlohmann/json.hpp>
 
 #include "mopt/autodiff/parameter.hpp"
+#include "mopt/compress/packed_weight.hpp"
+#include "mopt/nn/linear.hpp"
+#include "mopt/nn/linear_role.hpp"
 #include "mopt/error.hpp"
 #include "mopt/io/hf_config.hpp"
 #include "mopt/io/safetensors.hpp"
@@ -149,6 +158,42 @@ Model load_hf(const std::filesystem::path& dir) {
     }();
 
     std::set<std::string> used;
+    if (!cfg.compression.is_null()) {
+        const std::string recipe = cfg.compression.contains("recipe") && cfg.compression["recipe"].is_object()
+                                       ? cfg.compression["recipe"].value("description", std::string("compressed"))
+                                       : std::string("compressed");
+        if constexpr (!Model::Compression::compresses) {
+            throw Error(mopt::detail::concat(hf::where(config_path), ": the checkpoint is compressed (", recipe,
+                                             "); load it into a model whose Compression slot compresses, such as "
+                                             "compress::Any, not ", Model::Compression::name));
+        } else {
+            check(cfg.compression.contains("layers") && cfg.compression["layers"].is_object(), hf::where(config_path),
+                  ": mopt_compression has no 'layers' object");
+            const nlohmann::json& layers = cfg.compression["layers"];
+            std::set<std::string> packed_layers;
+            const auto get = [&](const std::string& n) -> const Tensor* {
+                const auto it = w.file.tensors.find(n);
+                if (it == w.file.tensors.end()) return nullptr;
+                used.insert(n);
+                return &it->second;
+            };
+            model.visit_linears([&](nn::Linear& lin, nn::LinearRole) {
+                const std::string& wn = lin.weight.name();
+                const std::string prefix = wn.substr(0, wn.size() - 7);  // without ".weight"
+                if (!layers.contains(prefix)) return;
+                try {
+                    lin.pack(compress::PackedWeight::from_tensors(layers[prefix], get, prefix));
+                } catch (const Error& e) {
+                    throw Error(mopt::detail::concat(w.where(prefix), ": ", e.what()));
+                }
+                packed_layers.insert(prefix);
+            });
+            model.set_compression_recipe(cfg.compression.value("recipe", nlohmann::json(nullptr)));
+            for (const auto& item : layers.items())
+                check(packed_layers.count(item.key()) == 1, hf::where(config_path), ": mopt_compression names layer '",
+                      item.key(), "', which is not a projection of ", type.describe());
+        }
+    }
     std::vector<std::string> missing;
     std::string missing_first;
     model.visit_parameters([&](autodiff::Parameter& p) {
@@ -214,9 +259,29 @@ void save_hf(Model& model, const std::filesystem::path& dir, DType on_disk = DTy
         const bool fresh = tensors.emplace(p.name(), p.value()).second;
         check(fresh, "save_hf ", hf::quoted(dir), ": two parameters are named '", p.name(), "'");
     });
+    // Packed projections: their format's tensors (f32 and i32, kept exactly whatever on_disk says).
+    nlohmann::json layers = nlohmann::json::object();
+    std::set<std::string> keep_f32;
+    model.visit_linears([&](nn::Linear& lin, nn::LinearRole) {
+        if (!lin.is_packed()) return;
+        const std::string& wn = lin.weight.name();
+        const std::string prefix = wn.substr(0, wn.size() - 7);
+        for (auto& [n, t] : lin.packed->to_tensors(prefix)) {
+            check(t.dtype() == DType::i32 || t.dtype() == DType::f32, "save_hf: packed tensor '", n, "' is ", name(t.dtype()));
+            check(tensors.emplace(n, t).second, "save_hf ", hf::quoted(dir), ": two tensors are named '", n, "'");
+            keep_f32.insert(n);
+        }
+        layers[prefix] = lin.packed->meta();
+    });
+    nlohmann::json compression = nullptr;
+    if (!layers.empty()) {
+        compression = nlohmann::json::object();
+        compression["recipe"] = model.compression_recipe();
+        compression["layers"] = layers;
+    }
     // transformers refuses safetensors files without format "pt" in their metadata.
-    write_safetensors(dir / hf::weights_file, tensors, on_disk, {{"format", "pt"}});
-    hf::write_config(dir / "config.json", model.config(), Model::structure(), on_disk);
+    write_safetensors(dir / hf::weights_file, tensors, on_disk, {{"format", "pt"}}, keep_f32);
+    hf::write_config(dir / "config.json", model.config(), Model::structure(), on_disk, compression);
 }
 
 }  // namespace mopt::io

@@ -40,6 +40,9 @@ struct HfConfig {
     nn::ModelConfig config;
     nn::Structure structure;
     std::string architecture;  // "LlamaForCausalLM", "MixtralForCausalLM" or "MoptForCausalLM"
+    // mopt's own block for a compressed model: {"recipe": {...}, "layers": {linear name: packed-format
+    // meta}}; null for a dense checkpoint (compress/checkpoint.hpp reads and writes it).
+    nlohmann::json compression;
 };
 
 namespace detail::hf {
@@ -365,6 +368,11 @@ inline HfConfig parse(const json& j, const std::filesystem::path& file) {
               "; mopt has no sliding-window attention (the window must be null or cover the context)");
     }
     c.validate(where(file));
+    if (j.contains("mopt_compression")) {
+        check(j["mopt_compression"].is_object(), where(file), ": field 'mopt_compression' holds ",
+              brief(j["mopt_compression"]), ", not an object");
+        out.compression = j["mopt_compression"];
+    }
     return out;
 }
 
@@ -458,8 +466,10 @@ inline void write_text_atomic(const std::filesystem::path& file, const std::stri
 }
 
 inline void write_config(const std::filesystem::path& file, const nn::ModelConfig& c, const nn::Structure& s,
-                         DType dtype) {
-    write_text_atomic(file, to_json(c, s, dtype).dump(2) + "\n");
+                         DType dtype, const json& compression = nullptr) {
+    ordered_json j = to_json(c, s, dtype);
+    if (!compression.is_null()) j["mopt_compression"] = ordered_json::parse(compression.dump());
+    write_text_atomic(file, j.dump(2) + "\n");
 }
 
 }  // namespace detail::hf

@@ -23,6 +23,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <set>
 #include <random>
 #include <string>
 #include <system_error>
@@ -412,9 +413,11 @@ inline SafetensorsFile read_safetensors_index(const std::filesystem::path& index
 }
 
 // Writes `tensors` to `file` atomically (temporary file in the same folder, then rename), floating
-// tensors stored as `dtype` (F32, BF16 or F16; converted with round-to-nearest-even), i32 as I32.
+// tensors stored as `dtype` (F32, BF16 or F16; converted with round-to-nearest-even), i32 as I32;
+// the tensors named in `keep_f32` (packed weights' scales and values) stay F32 whatever `dtype` is.
 inline void write_safetensors(const std::filesystem::path& file, const std::map<std::string, Tensor>& tensors,
-                              DType dtype = DType::f32, const std::map<std::string, std::string>& metadata = {}) {
+                              DType dtype = DType::f32, const std::map<std::string, std::string>& metadata = {},
+                              const std::set<std::string>& keep_f32 = {}) {
     namespace st = detail::safetensors;
     using st::quoted;
     check(dtype == DType::f32 || dtype == DType::bf16 || dtype == DType::f16, "write_safetensors ", quoted(file),
@@ -436,7 +439,7 @@ inline void write_safetensors(const std::filesystem::path& file, const std::map<
               "; safetensors holds f32, bf16, f16 or i32 here");
         check(t.defined() && (t.raw() != nullptr || t.numel() == 0), "write_safetensors ", quoted(file),
               ": tensor '", n, "' has no data");
-        plan.push_back({&n, &t, src == DType::i32 ? DType::i32 : dtype});
+        plan.push_back({&n, &t, src == DType::i32 ? DType::i32 : keep_f32.count(n) ? DType::f32 : dtype});
     }
     // Largest element first keeps every tensor aligned to its element size without holes.
     std::stable_sort(plan.begin(), plan.end(), [](const Planned& a, const Planned& b) {

@@ -14,6 +14,7 @@
 #include "mopt/autodiff/ops.hpp"
 #include "mopt/autodiff/parameter.hpp"
 #include "mopt/compress/packed_weight.hpp"
+#include "mopt/nn/linear_observer.hpp"
 
 namespace mopt::nn {
 
@@ -59,6 +60,7 @@ struct Linear {
 
     // x: [..., in] -> [..., out]
     Var operator()(Tape& tape, const Var& x) {
+        observe_linear_input(*this, x.value());  // calibration statistics (compression), when observed
         if (packed) return autodiff::packed_linear(x, *packed);
         return autodiff::linear(x, tape.parameter(weight));
     }
