@@ -45,7 +45,7 @@ struct Options {
     int nm_zero = 2, nm_group = 4, bits = 4;
     std::int64_t group = 128, windows = 128, calib_seq_len = 0, batch = 16, eval_windows = 0;
     float outlier_threshold = 0.0f;
-    bool act_order = false, no_eval = false;
+    bool act_order = false, no_eval = false, no_eval_before = false;
     std::uint64_t split_seed = 1234, seed = 0;
 };
 
@@ -127,7 +127,7 @@ int run(const Options& o, const compress::Recipe& recipe, Model& model) {
     data::Batches test(splits.test, tok, {.batch_size = o.batch, .seq_len = T, .seed = 0});
 
     const auto ppl = [&](Model& m) { return eval::corpus_perplexity(m, test).ppl(); };
-    const double ppl_before = o.no_eval ? 0.0 : ppl(model);
+    const double ppl_before = o.no_eval || o.no_eval_before ? 0.0 : ppl(model);
     Tensor calibration;
     if (recipe.needs_calibration()) {
         data::Batches train(splits.train, tok, {.batch_size = o.batch, .seq_len = calib_T, .seed = 0});
@@ -228,6 +228,7 @@ int main(int argc, char** argv) {
             ("split-seed", po::value(&o.split_seed)->default_value(o.split_seed), "seed of the document-level split")
             ("batch", po::value(&o.batch)->default_value(o.batch), "windows per forward pass of the perplexity evaluation")
             ("no-eval", po::bool_switch(&o.no_eval), "skip the perplexity evaluation (ppl_before/after = 0)")
+            ("no-eval-before", po::bool_switch(&o.no_eval_before), "skip only the evaluation before compression (ppl_before = 0)")
             ("out", po::value(&o.out), "folder for the compressed model")
             ("json", po::value(&o.json), "write the result as JSON to this file");
         po::variables_map vm;
