@@ -8,9 +8,10 @@
 //
 // The quantised and N:M forms are expanded a tile of output rows at a time into a per-thread f32
 // scratch buffer that is handed to GEMM, so the full f32 matrix never exists (the forward runs the
-// tiles on OpenMP threads with the single-threaded GEMM inside; the backward, whose tiles all add
-// into the same dx, expands each tile on all threads and then runs the multi-threaded GEMM). CSR
-// runs a direct sparse × dense loop.
+// tiles on OpenMP threads with the single-threaded GEMM inside; in the backward every tile adds
+// into all of dx, so the threads split the rows of dy instead and each expands every tile). CSR
+// runs a direct sparse × dense loop. Measured on 2 cores (benchmarks/compress_bench.cpp),
+// expanding each tile on all threads and then running the multi-threaded GEMM was 2–4× slower.
 //
 // Checkpoints: to_tensors() writes only f32 and i32 tensors (bit-packed words as i32 bit patterns;
 // CSR's uint16 columns two to an i32, the lower half first) and meta() a JSON description;
@@ -226,8 +227,7 @@ private:
 
 namespace detail {
 
-inline constexpr std::int64_t forward_tile_rows = 64;    // output rows a thread expands at once
-inline constexpr std::int64_t backward_tile_rows = 256;  // output rows expanded before each GEMM
+inline constexpr std::int64_t tile_rows = 64;  // output rows a thread expands at once
 
 inline std::vector<float>& tile_scratch() {
     thread_local std::vector<float> buffer;
@@ -261,7 +261,7 @@ inline void csr_matmul_backward(const PackedSparse& s, const float* dy, std::int
 // Forward, tiles on OpenMP threads: each thread expands `tile` output rows and runs the
 // single-threaded GEMM of all x rows against them.
 inline void matmul_parallel_tiles(const PackedWeight& w, const float* x, std::int64_t rows, float* y,
-                                  std::int64_t tile = forward_tile_rows) {
+                                  std::int64_t tile = tile_rows) {
     const std::int64_t out = w.out(), in = w.in(), tiles = (out + tile - 1) / tile;
     backend::cpu::parallel_for(tiles, (rows + 1) * tile * in, [&](std::int64_t t) {
         const std::int64_t o0 = t * tile, o1 = std::min(out, o0 + tile);
@@ -273,18 +273,26 @@ inline void matmul_parallel_tiles(const PackedWeight& w, const float* x, std::in
     });
 }
 
-// Forward, tiles in sequence: all threads expand a tile, then the multi-threaded GEMM runs on it.
-inline void matmul_sequential_tiles(const PackedWeight& w, const float* x, std::int64_t rows, float* y,
-                                    std::int64_t tile = backward_tile_rows) {
+inline constexpr std::int64_t backward_min_chunk_rows = 64;  // rows of dy a thread takes at least
+
+// Backward: every output tile adds into all of dx, so threads split the rows of dy instead (at
+// least backward_min_chunk_rows each) and each runs all tiles against its own rows of dx with the
+// single-threaded GEMM. With fewer rows one thread expands the tiles and GEMM runs multi-threaded.
+inline void matmul_backward_row_chunks(const PackedWeight& w, const float* dy, std::int64_t rows, float* dx,
+                                       std::int64_t tile = tile_rows) {
     const std::int64_t out = w.out(), in = w.in();
-    auto& buf = tile_scratch();
-    buf.resize(static_cast<std::size_t>(tile * in));
-    for (std::int64_t o0 = 0; o0 < out; o0 += tile) {
-        const std::int64_t o1 = std::min(out, o0 + tile);
-        backend::cpu::parallel_for(o1 - o0, in, [&](std::int64_t r) { w.dequantize_rows(o0 + r, o0 + r + 1, buf.data() + r * in); });
-        backend::cpu::gemm({.trans_b = true, .m = rows, .n = o1 - o0, .k = in, .a = x, .lda = in, .b = buf.data(),
-                            .ldb = in, .c = y + o0, .ldc = out});
-    }
+    const std::int64_t chunks = std::clamp<std::int64_t>(rows / backward_min_chunk_rows, 1, backend::cpu::max_threads());
+    backend::cpu::parallel_for(chunks, std::int64_t{1} << 20, [&](std::int64_t c) {
+        const std::int64_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
+        auto& buf = tile_scratch();
+        buf.resize(static_cast<std::size_t>(tile * in));
+        for (std::int64_t o0 = 0; o0 < out; o0 += tile) {
+            const std::int64_t o1 = std::min(out, o0 + tile);
+            w.dequantize_rows(o0, o1, buf.data());
+            backend::cpu::gemm({.m = r1 - r0, .n = in, .k = o1 - o0, .beta = 1.0f, .a = dy + r0 * out + o0, .lda = out,
+                                .b = buf.data(), .ldb = in, .c = dx + r0 * in, .ldc = in});
+        }
+    });
 }
 
 }  // namespace detail
@@ -300,15 +308,7 @@ inline void matmul(const PackedWeight& w, const float* x, std::int64_t rows, flo
 inline void matmul_backward(const PackedWeight& w, const float* dy, std::int64_t rows, float* dx) {
     if (rows <= 0) return;
     if (const auto* s = std::get_if<PackedSparse>(&w.storage())) return detail::csr_matmul_backward(*s, dy, rows, dx);
-    const std::int64_t out = w.out(), in = w.in(), tile = detail::backward_tile_rows;
-    auto& buf = detail::tile_scratch();
-    buf.resize(static_cast<std::size_t>(std::min(tile, out) * in));
-    for (std::int64_t o0 = 0; o0 < out; o0 += tile) {
-        const std::int64_t o1 = std::min(out, o0 + tile);
-        backend::cpu::parallel_for(o1 - o0, in, [&](std::int64_t r) { w.dequantize_rows(o0 + r, o0 + r + 1, buf.data() + r * in); });
-        backend::cpu::gemm({.m = rows, .n = in, .k = o1 - o0, .beta = 1.0f, .a = dy + o0, .lda = out, .b = buf.data(),
-                            .ldb = in, .c = dx, .ldc = in});
-    }
+    detail::matmul_backward_row_chunks(w, dy, rows, dx);
 }
 
 }  // namespace mopt::compress
