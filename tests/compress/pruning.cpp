@@ -189,3 +189,31 @@ TEST_CASE("SparseGPT on rank-deficient inputs stays finite and warns when it mus
         else REQUIRE(captured.str().empty());
     }
 }
+
+TEST_CASE("SparseGPT removing one weight per row is the least-squares update of the later weights", "[compress]") {
+    // With one zero per row at column p, OBS over the columns after p (those before are already
+    // fixed) is the least-squares solution  H_{>p,>p} ŵ_{>p} = H_{>p,:} w − H_{>p,≤p} ŵ_{≤p}
+    // over the same damped Hessian, with ŵ_p = 0 and ŵ_{<p} = w_{<p}.
+    const std::int64_t in = 16, out = 6;
+    Layer l = make_layer(out, in, 64, 7);
+    Tensor w = l.w.clone();
+    prune(w, Saliency::sparsegpt, Sparsity{.ratio = 1.0 / 16}, &l.stats);
+    const Eigen::MatrixXd h = l.stats.hessian_f64(0.01);
+    for (std::int64_t r = 0; r < out; ++r) {
+        std::int64_t p = -1;
+        for (std::int64_t c = 0; c < in; ++c)
+            if (w.f32()[r * in + c] == 0.0f) p = c;
+        REQUIRE(p >= 0);
+        Eigen::VectorXd w0(in), expect(in);
+        for (std::int64_t c = 0; c < in; ++c) w0(c) = expect(c) = l.w.f32()[r * in + c];
+        expect(p) = 0.0;
+        const std::int64_t m = in - p - 1;
+        if (m > 0) {
+            const Eigen::VectorXd rhs =
+                h.bottomRows(m) * w0 - h.bottomLeftCorner(m, p + 1) * expect.head(p + 1);
+            expect.tail(m) = h.bottomRightCorner(m, m).llt().solve(rhs);
+        }
+        for (std::int64_t c = 0; c < in; ++c)
+            REQUIRE(w.f32()[r * in + c] == Approx(expect(c)).margin(1e-4).epsilon(1e-3));
+    }
+}

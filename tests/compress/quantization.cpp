@@ -225,3 +225,39 @@ TEST_CASE("GPTQ on rank-deficient inputs stays finite and warns when it must dam
             else REQUIRE(captured.str().empty());
         }
 }
+
+TEST_CASE("GPTQ matches column-by-column quantisation with a least-squares update of the rest", "[compress]") {
+    // Reference: for c = 0, 1, ...: fit the group's grid to the current weights when the group
+    // starts, round column c, then re-solve the later columns by least squares given the fixed ones,
+    // H_{>c,>c} ŵ_{>c} = H_{>c,:} w − H_{>c,≤c} ŵ_{≤c}, over the same damped Hessian. GPTQ's
+    // Cholesky-based error feedback with lazy batches (block 5, cut to 4 so that the groups of 8 start
+    // on block starts) is the same process.
+    const std::int64_t in = 16, out = 5, group = 8;
+    const Tensor x = correlated_inputs(64, in, 15);
+    const Tensor w0 = random_tensor({out, in}, 16);
+    InputStats stats(in);
+    stats.add(x);
+    Tensor w = w0.clone();
+    const IntCodes codes = quantize_gptq(w, stats, QuantSpec{.bits = 3, .group = group, .block = 5});
+    require_codes_match(codes, w);
+    const Eigen::MatrixXd h = stats.hessian_f64(0.01);
+    for (std::int64_t r = 0; r < out; ++r) {
+        Eigen::VectorXd target(in), cur(in);
+        for (std::int64_t c = 0; c < in; ++c) target(c) = cur(c) = w0.f32()[r * in + c];
+        QuantGrid grid;
+        for (std::int64_t c = 0; c < in; ++c) {
+            if (c % group == 0) {
+                std::vector<float> g(static_cast<std::size_t>(group));
+                for (std::int64_t k = 0; k < group; ++k) g[k] = static_cast<float>(cur(c + k));
+                grid = QuantGrid::fit(g.data(), group, 3);
+                REQUIRE(codes.scale[r * 2 + c / group] == Approx(grid.scale).epsilon(1e-4));
+            }
+            cur(c) = grid.value(grid.code(static_cast<float>(cur(c))));
+            REQUIRE(w.f32()[r * in + c] == Approx(cur(c)).margin(1e-4));
+            const std::int64_t m = in - c - 1;
+            if (m > 0)
+                cur.tail(m) = h.bottomRightCorner(m, m).llt().solve(h.bottomRows(m) * target -
+                                                                     h.bottomLeftCorner(m, c + 1) * cur.head(c + 1));
+        }
+    }
+}
