@@ -287,7 +287,7 @@ TEST_CASE("from_tensors rejects hostile checkpoints with errors naming the tenso
 TEST_CASE("packed matmul and its backward match dense GEMM on the dequantised weight", "[compress]") {
     for (auto [out, in] : {std::pair<std::int64_t, std::int64_t>{67, 96}, {300, 64}})
         for (const PackedWeight& p : all_formats(out, in, 21))
-            for (std::int64_t rows : {1, 37, 150}) {  // 150: the backward splits rows across threads
+            for (std::int64_t rows : {1, 37, 150}) {  // the backward splits tiles below 128 rows, rows above
                 const std::string what = p.format() + " [" + std::to_string(out) + ", " + std::to_string(in) +
                                          "], rows " + std::to_string(rows);
                 const Tensor w = p.dequantize();

@@ -9,8 +9,9 @@
 // The quantised and N:M forms are expanded a tile of output rows at a time into a per-thread f32
 // scratch buffer that is handed to GEMM, so the full f32 matrix never exists (the forward runs the
 // tiles on OpenMP threads with the single-threaded GEMM inside; in the backward every tile adds
-// into all of dx, so the threads split the rows of dy instead and each expands every tile). CSR
-// runs a direct sparse × dense loop. Measured on 2 cores (benchmarks/compress_bench.cpp),
+// into all of dx, so the threads split the rows of dy instead and each expands every tile; below
+// 128 rows they split the tiles and sum private copies of dx). CSR runs a direct sparse × dense
+// loop. Measured on 2 cores (benchmarks/compress_bench.cpp),
 // expanding each tile on all threads and then running the multi-threaded GEMM was 2–4× slower.
 //
 // Checkpoints: to_tensors() writes only f32 and i32 tensors (bit-packed words as i32 bit patterns;
@@ -277,7 +278,7 @@ inline constexpr std::int64_t backward_min_chunk_rows = 64;  // rows of dy a thr
 
 // Backward: every output tile adds into all of dx, so threads split the rows of dy instead (at
 // least backward_min_chunk_rows each) and each runs all tiles against its own rows of dx with the
-// single-threaded GEMM. With fewer rows one thread expands the tiles and GEMM runs multi-threaded.
+// single-threaded GEMM.
 inline void matmul_backward_row_chunks(const PackedWeight& w, const float* dy, std::int64_t rows, float* dx,
                                        std::int64_t tile = tile_rows) {
     const std::int64_t out = w.out(), in = w.in();
@@ -295,6 +296,36 @@ inline void matmul_backward_row_chunks(const PackedWeight& w, const float* dy, s
     });
 }
 
+// Backward with few rows: threads take interleaved output tiles and accumulate into private
+// copies of dx (thread 0 into dx itself), summed at the end — (threads − 1) · rows · in floats of
+// scratch, capped at 8M floats by using fewer threads.
+inline void matmul_backward_tile_partials(const PackedWeight& w, const float* dy, std::int64_t rows, float* dx,
+                                          std::int64_t tile = tile_rows) {
+    const std::int64_t out = w.out(), in = w.in(), tiles = (out + tile - 1) / tile;
+    const std::int64_t threads =
+        rows < 4 ? 1  // a decoding step: one pass over the weight is cheaper than a fork and a sum
+                 : std::clamp<std::int64_t>(std::min<std::int64_t>(backend::cpu::max_threads(), tiles), 1,
+                                            1 + (std::int64_t{1} << 23) / std::max<std::int64_t>(rows * in, 1));
+    std::vector<float> partial(static_cast<std::size_t>((threads - 1) * rows * in), 0.0f);
+    backend::cpu::parallel_for(threads, std::int64_t{1} << 20, [&](std::int64_t t) {
+        float* acc = t == 0 ? dx : partial.data() + (t - 1) * rows * in;
+        auto& buf = tile_scratch();
+        buf.resize(static_cast<std::size_t>(tile * in));
+        for (std::int64_t k = t; k < tiles; k += threads) {
+            const std::int64_t o0 = k * tile, o1 = std::min(out, o0 + tile);
+            w.dequantize_rows(o0, o1, buf.data());
+            backend::cpu::gemm({.m = rows, .n = in, .k = o1 - o0, .beta = 1.0f, .a = dy + o0, .lda = out, .b = buf.data(),
+                                .ldb = in, .c = acc, .ldc = in});
+        }
+    });
+    for (std::int64_t t = 1; t < threads; ++t) {
+        const float* p = partial.data() + (t - 1) * rows * in;
+        backend::cpu::parallel_chunks(rows * in, [&](std::int64_t b, std::int64_t e) {
+            for (std::int64_t i = b; i < e; ++i) dx[i] += p[i];
+        });
+    }
+}
+
 }  // namespace detail
 
 // y[rows, out] = x Ŵᵀ; x is [rows, in] row-major.
@@ -308,7 +339,10 @@ inline void matmul(const PackedWeight& w, const float* x, std::int64_t rows, flo
 inline void matmul_backward(const PackedWeight& w, const float* dy, std::int64_t rows, float* dx) {
     if (rows <= 0) return;
     if (const auto* s = std::get_if<PackedSparse>(&w.storage())) return detail::csr_matmul_backward(*s, dy, rows, dx);
-    detail::matmul_backward_row_chunks(w, dy, rows, dx);
+    if (rows >= 2 * detail::backward_min_chunk_rows || backend::cpu::in_parallel_region())
+        detail::matmul_backward_row_chunks(w, dy, rows, dx);
+    else
+        detail::matmul_backward_tile_partials(w, dy, rows, dx);
 }
 
 }  // namespace mopt::compress
