@@ -11,7 +11,10 @@
 //   Family      — norm and attention (Llama, GPT, or Family<Norm, Attention<…>, FFN>)
 //   FFN         — DenseFFN<Act> or SwitchFFN<Routing, Placement, Act> (default: the family's)
 //   Compression — compress::None for now
-//   Prompt      — prompt::None for now
+//   Prompt      — prompt::None, SoftPrompt, InjectedPrompt or MixtureOfPrompts (mopt/prompt/):
+//                 init_prompt(config) builds it; forward() lets it enter between blocks
+//                 (Prompt::Layer::enter) and drops its rows before the head (leave), so logits
+//                 and loss cover the text only; the prompt is not among visit_parameters()
 //   Backend     — backend::Cpu
 // Blocks are pre-norm residual: x += attn(norm(x)); x += ffn(norm(x)); then a final norm and the
 // output head (tied to the token embedding or its own matrix). Parameter names are Hugging Face's
@@ -36,6 +39,7 @@
 #include "mopt/nn/linear.hpp"
 #include "mopt/nn/switch_ffn.hpp"
 #include "mopt/prompt/no_prompt.hpp"
+#include "mopt/prompt/prompt_config.hpp"
 
 namespace mopt::nn {
 
@@ -51,6 +55,8 @@ struct ForwardOutput {
     Var loss;                         // [] mean next-token cross-entropy (when targets were given)
     Var aux_loss;                     // [] α·load balance + z-loss of all expert layers (training only)
     std::vector<ExpertStats> experts; // one entry per expert layer
+    Var gate;                         // MixtureOfPrompts: [B, E] gate probabilities (top-k at evaluation)
+    Var gate_logits;                  // MixtureOfPrompts: [B, E] before the softmax (gate pretraining)
 };
 
 // targets[b, t] = ids[b, t + 1]; the last position predicts nothing (-100).
@@ -145,24 +151,62 @@ public:
     [[nodiscard]] std::vector<Block>& blocks() { return blocks_; }
 
     // ids: i32 [B, T] -> logits [B, T, vocab], the loss against opt.targets, expert statistics.
+    // A prompt takes the positions before the text (PEFT's convention: prompt 0..K−1, text
+    // K..K+T−1); it enters on the first call only, later calls find it in the KV cache.
     ForwardOutput forward(Tape& tape, const Tensor& ids, ForwardOptions opt = {}) {
         check(ids.rank() == 2 && ids.dtype() == DType::i32, "Transformer::forward: ids must be i32 [batch, seq], got ",
               name(ids.dtype()), " of shape ", ids.shape());
         const std::int64_t T = ids.dim(1);
-        const std::int64_t start = opt.cache != nullptr ? opt.cache->length() : 0;
+        const std::int64_t cached = opt.cache != nullptr ? opt.cache->length() : 0;
+        const std::int64_t prompt_len = cached == 0 ? prompt_positions() : 0;  // prompt positions entering now
+        const std::int64_t start = cached + prompt_len;                        // position of the first text token
         check(T > 0, "Transformer::forward: empty sequence (ids of shape ", ids.shape(), ")");
         check(start + T <= config_.max_seq, "Transformer::forward: positions up to ", start + T,
+              prompt_len > 0 ? mopt::detail::concat(" (", prompt_len, " prompt + ", T, " text)") : std::string(),
               " exceed the model's context max_seq = ", config_.max_seq);
         ForwardOutput out;
         Var x = embed(tape, ids, start);  // [B, T, d]
         AttentionContext actx{.prefix = 0, .start_pos = start, .cache = opt.cache};
         FeedForwardContext fctx{.stats = &out.experts};
-        for (std::size_t l = 0; l < blocks_.size(); ++l) x = block(tape, l, x, actx, fctx);
-        if (opt.cache != nullptr) opt.cache->advance(T);
+        prompt::PromptState ps;
+        ps.insert = prompt_len > 0;
+        ps.text = T;
+        if constexpr (AttentionPolicy::learned_positions) ps.positions = tape.parameter(embed_positions_);
+        const bool prompted = prompt_positions() > 0;  // a prompt slot whose prompt is built (init_prompt)
+        for (std::size_t l = 0; l < blocks_.size(); ++l) {
+            if constexpr (Prompt::has_prompt)
+                if (prompted) x = prompt_.enter(tape, x, static_cast<std::int64_t>(l), actx, ps);
+            x = block(tape, l, x, actx, fctx);
+        }
+        if constexpr (Prompt::has_prompt)
+            if (prompted) x = prompt_.leave(tape, x, actx, ps);  // [B, T, d]: text rows only
+        if (opt.cache != nullptr) opt.cache->advance(prompt_len + T);
         out.logits = head(tape, x);
         if (opt.targets != nullptr) out.loss = autodiff::cross_entropy(out.logits, *opt.targets);
         out.aux_loss = fctx.aux_loss;
+        out.gate = ps.gate;
+        out.gate_logits = ps.gate_logits;
         return out;
+    }
+
+    // Builds the prompt (vocab and text init read the token embedding table). The model's own
+    // parameters are untouched; freeze them with set_trainable(false) for prompt tuning.
+    void init_prompt(const prompt::PromptConfig& c)
+        requires Prompt::has_prompt
+    {
+        prompt_ = typename Prompt::Layer(c, embed_tokens_.value(), config_);
+    }
+    // The prompt layer: its parameters (visit), config and hooks.
+    typename prompt::LayerOf<Prompt>::type& prompt()  // Prompt::Layer
+        requires Prompt::has_prompt
+    {
+        return prompt_;
+    }
+    // Positions the prompt takes before the text (0 without a prompt or before init_prompt, when
+    // forward() runs the model alone).
+    [[nodiscard]] std::int64_t prompt_positions() const {
+        if constexpr (Prompt::has_prompt) return prompt_.prompt.value().defined() ? prompt_.positions() : 0;
+        else return 0;
     }
 
     // The pieces of forward(), for code that runs the model layer by layer (calibration of
@@ -263,6 +307,7 @@ private:
     std::vector<Block> blocks_;
     typename Norm::Layer final_norm_;
     Parameter lm_head_;          // [vocab, d] (untied only)
+    [[no_unique_address]] typename prompt::LayerOf<Prompt>::type prompt_;  // prompt parameters and hooks
 };
 
 }  // namespace mopt::nn
