@@ -45,6 +45,7 @@
 #include "mopt/prompt/soft_prompt.hpp"
 #include "mopt/prompt/injected_prompt.hpp"
 #include "mopt/prompt/mixture_of_prompts.hpp"
+#include "mopt/io/peft.hpp"
 #include "mopt/io/hf_config.hpp"
 #include "mopt/io/hf_checkpoint.hpp"
 #include "mopt/io/llama2c_import.hpp"

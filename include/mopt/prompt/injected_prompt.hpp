@@ -75,18 +75,21 @@ struct InjectedPrompt {
         autodiff::Parameter prompt;  // "prompt_embeddings" [K, d]
 
         Layer() = default;
-        Layer(const PromptConfig& c, const Tensor& embed_table, const nn::ModelConfig& model)
-            : config_(c), model_(model) {
+        // Zero prompt rows of the config's shape, for a loader to fill (io::load_prompt).
+        Layer(const PromptConfig& c, const nn::ModelConfig& model) : config_(c), model_(model) {
             c.validate("InjectedPrompt", model.n_layers);
             check(c.experts == 1 && c.input_prompt == 0, "InjectedPrompt: experts = ", c.experts,
                   " and input_prompt = ", c.input_prompt,
                   " belong to MixtureOfPrompts; set experts = 1 and input_prompt = 0");
-            check(embed_table.rank() == 2 && embed_table.dim(1) == model.d_model,
-                  "InjectedPrompt: embedding table ", embed_table.shape(), " does not match d_model ", model.d_model);
-            prompt = detail::prompt_parameter("prompt_embeddings", c, c.length, embed_table, true, 0);
+            prompt = autodiff::Parameter("prompt_embeddings", Tensor::zeros({c.length, model.d_model}));
+        }
+        // Initialised per the config from the token embedding table [vocab, d].
+        Layer(const PromptConfig& c, const Tensor& embed_table, const nn::ModelConfig& model) : Layer(c, model) {
+            detail::initialise(prompt, c, embed_table, 0, "InjectedPrompt");
         }
 
         [[nodiscard]] const PromptConfig& config() const { return config_; }
+        [[nodiscard]] const nn::ModelConfig& model_config() const { return model_; }
         [[nodiscard]] std::int64_t length() const { return config_.length; }
         [[nodiscard]] std::int64_t inject_layer() const { return config_.inject_layer; }
         [[nodiscard]] std::int64_t d_model() const { return prompt.shape()[1]; }

@@ -41,18 +41,23 @@ struct MixtureOfPrompts {
         Gate gate;                         // "gate.w1" [d_g, d], "gate.w2" [E, d_g]
 
         Layer() = default;
-        Layer(const PromptConfig& c, const Tensor& embed_table, const nn::ModelConfig& model)
-            : config_(c), model_(model) {
+        // Zero prompts of the config's shapes and a freshly initialised gate, for a loader to fill.
+        Layer(const PromptConfig& c, const nn::ModelConfig& model) : config_(c), model_(model) {
             c.validate("MixtureOfPrompts", model.n_layers);
-            check(embed_table.rank() == 2 && embed_table.dim(1) == model.d_model, "MixtureOfPrompts: embedding table ",
-                  embed_table.shape(), " does not match d_model ", model.d_model);
-            prompt = detail::prompt_parameter("prompt_embeddings", c, c.length, embed_table, true, 0);
+            prompt = autodiff::Parameter("prompt_embeddings", Tensor::zeros({c.length, model.d_model}));
             if (c.input_prompt > 0)
-                input_prompt = detail::prompt_parameter("input_prompt", c, c.input_prompt, embed_table, false, 1);
+                input_prompt = autodiff::Parameter("input_prompt", Tensor::zeros({c.input_prompt, model.d_model}), false);
             gate = Gate(model.d_model, c.gate_dim, c.experts, c.seed * 0x9E3779B97F4A7C15ull + 2);
+        }
+        // Prompts (and the input prompt, with its own draws) initialised per the config from the
+        // token embedding table [vocab, d].
+        Layer(const PromptConfig& c, const Tensor& embed_table, const nn::ModelConfig& model) : Layer(c, model) {
+            detail::initialise(prompt, c, embed_table, 0, "MixtureOfPrompts");
+            if (c.input_prompt > 0) detail::initialise(input_prompt, c, embed_table, 1, "MixtureOfPrompts");
         }
 
         [[nodiscard]] const PromptConfig& config() const { return config_; }
+        [[nodiscard]] const nn::ModelConfig& model_config() const { return model_; }
         [[nodiscard]] std::int64_t length() const { return config_.length; }
         [[nodiscard]] std::int64_t experts() const { return config_.experts; }
         [[nodiscard]] std::int64_t per_expert() const { return config_.per_expert(); }

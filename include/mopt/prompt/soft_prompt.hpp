@@ -61,10 +61,12 @@ inline autodiff::Var text_rows(const autodiff::Var& x, const PromptState& s) {
     return S == s.text ? x : autodiff::slice_seq(x, S - s.text, S);
 }
 
-// A [rows, d] prompt parameter initialised per the config.
-inline autodiff::Parameter prompt_parameter(const std::string& name, const PromptConfig& c, std::int64_t rows,
-                                            const Tensor& embed_table, bool trainable, std::uint64_t salt) {
-    return autodiff::Parameter(name, initial_rows(c, rows, embed_table, salt), trainable);
+// Fills prompt parameter p [rows, d] per the config from the token embedding table [vocab, d].
+inline void initialise(autodiff::Parameter& p, const PromptConfig& c, const Tensor& embed_table, std::uint64_t salt,
+                       const char* what) {
+    check(embed_table.rank() == 2 && embed_table.dim(1) == p.shape()[1], what, ": embedding table ",
+          embed_table.shape(), " does not match the prompt width d_model = ", p.shape()[1]);
+    p.value().copy_from(initial_rows(c, p.shape()[0], embed_table, salt));
 }
 
 // Checks that `t` can replace parameter `p` (same shape, f32) and copies it in.
@@ -84,19 +86,23 @@ struct SoftPrompt {
         autodiff::Parameter prompt;  // "prompt_embeddings" [K, d]
 
         Layer() = default;
-        // embed_table: the model's token embeddings [vocab, d] (vocab and text init read it).
-        Layer(const PromptConfig& c, const Tensor& embed_table, const nn::ModelConfig& model) : config_(c) {
+        // Zero prompt rows of the config's shape, for a loader to fill (io::load_prompt).
+        Layer(const PromptConfig& c, const nn::ModelConfig& model) : config_(c), model_(model) {
             c.validate("SoftPrompt", model.n_layers);
             check(c.inject_layer == 0, "SoftPrompt: the prompt enters at the input (inject_layer 0), got inject_layer ",
                   c.inject_layer, "; use InjectedPrompt for deeper layers");
             check(c.experts == 1 && c.input_prompt == 0, "SoftPrompt: experts = ", c.experts, " and input_prompt = ",
                   c.input_prompt, " belong to MixtureOfPrompts; set experts = 1 and input_prompt = 0");
-            check(embed_table.rank() == 2 && embed_table.dim(1) == model.d_model,
-                  "SoftPrompt: embedding table ", embed_table.shape(), " does not match d_model ", model.d_model);
-            prompt = detail::prompt_parameter("prompt_embeddings", c, c.length, embed_table, true, 0);
+            prompt = autodiff::Parameter("prompt_embeddings", Tensor::zeros({c.length, model.d_model}));
+        }
+        // Initialised per the config; embed_table: the model's token embeddings [vocab, d] (vocab
+        // and text init read it).
+        Layer(const PromptConfig& c, const Tensor& embed_table, const nn::ModelConfig& model) : Layer(c, model) {
+            detail::initialise(prompt, c, embed_table, 0, "SoftPrompt");
         }
 
         [[nodiscard]] const PromptConfig& config() const { return config_; }
+        [[nodiscard]] const nn::ModelConfig& model_config() const { return model_; }
         [[nodiscard]] std::int64_t length() const { return config_.length; }
         [[nodiscard]] std::int64_t d_model() const { return prompt.shape()[1]; }
         [[nodiscard]] std::int64_t positions() const { return config_.length; }
@@ -117,6 +123,7 @@ struct SoftPrompt {
 
     private:
         PromptConfig config_;
+        nn::ModelConfig model_;
     };
 };
 
