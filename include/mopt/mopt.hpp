@@ -60,3 +60,4 @@
 #include "mopt/eval/corpus_perplexity.hpp"
 #include "mopt/eval/png.hpp"
 #include "mopt/eval/plot.hpp"
+#include "mopt/eval/gate_analysis.hpp"

@@ -2,11 +2,16 @@
 // equals the same vectors fed as tokens), identities between the policies (injected at layer 0 =
 // soft; one-expert mixture = injected), finite-difference gradients of the loss w.r.t. every
 // prompt and gate parameter, the gate op, the backward pass stopping at L_int, KV-cache decoding
-// with each policy, the gate's normalisation and top-k, learning a pattern, and config errors.
+// with each policy, the gate's normalisation and top-k, learning a pattern, config errors, and the
+// per-domain gate analysis (eval/gate_analysis.hpp).
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <fstream>
+#include <functional>
+#include <span>
 #include <random>
 #include <string>
 #include <vector>
@@ -521,4 +526,47 @@ TEST_CASE("Prompt config errors name the problem", "[prompt]") {
     Tape tape;
     CHECK_THROWS_WITH(soft.forward(tape, random_ids({1, 20}, 1, 11)),
                       Catch::Contains("10 prompt + 20 text") && Catch::Contains("max_seq = 24"));
+}
+
+TEST_CASE("Gate analysis: mean gate weight per domain as CSV and heatmap", "[prompt]") {
+    mopt::eval::GateByDomain gates({"news", "fiction, romance", "humor"}, 2);
+    const std::vector<float> g1{0.9f, 0.1f, 0.2f, 0.8f, 0.7f, 0.3f};
+    const std::vector<std::int64_t> d1{0, 1, 0};
+    gates.add(Tensor::from({3, 2}, std::span<const float>(g1)), d1);
+    const std::vector<float> g2{0.4f, 0.6f};
+    const std::vector<std::int64_t> d2{1};
+    gates.add(Tensor::from({1, 2}, std::span<const float>(g2)), d2);
+    const auto m = gates.mean();
+    CHECK(m[0][0] == Approx(0.8));
+    CHECK(m[0][1] == Approx(0.2));
+    CHECK(m[1][0] == Approx(0.3));
+    CHECK(m[1][1] == Approx(0.7));
+    CHECK(std::isnan(m[2][0]));
+    CHECK(gates.examples(0) == 2);
+    CHECK(gates.csv() ==
+          "domain,examples,expert_0,expert_1\nnews,2,0.8,0.2\n\"fiction, romance\",2,0.3,0.7\nhumor,0,,\n");
+    TempDir dir;
+    gates.write_csv(dir / "gates.csv");
+    gates.write_png(dir / "gates.png");
+    std::ifstream png(dir / "gates.png", std::ios::binary);
+    std::string sig(8, '\0');
+    png.read(sig.data(), 8);
+    CHECK(sig == "\x89PNG\r\n\x1a\n");
+    CHECK(dir.entries() == 2);
+    const auto fig = mopt::eval::render(gates.heatmap());
+    CHECK(fig.image.width() == 800);
+    CHECK_THROWS_WITH(gates.add(Tensor::from({1, 2}, std::span<const float>(g2)), std::vector<std::int64_t>{3}),
+                      Catch::Contains("domain label 3"));
+    CHECK_THROWS_WITH(gates.add(Tensor::zeros({1, 3}), d2), Catch::Contains("[batch, 2]"));
+
+    // From a mixture's forward: every example's gate counts once.
+    auto model = frozen_model<Llama<prompt::MixtureOfPrompts>>(3);
+    model.init_prompt(config(4, 1, 2));
+    mopt::eval::GateByDomain from_model({"a", "b"}, 2);
+    NoGrad no_grad;
+    Tape tape;
+    const Tensor& g = model.forward(tape, random_ids({3, 4}, 2, 11)).gate.value();
+    from_model.add(g, std::vector<std::int64_t>{1, 1, 0});
+    CHECK(from_model.mean()[0][1] == Approx(g.at(2 * 2 + 1)));
+    CHECK(from_model.mean()[1][0] == Approx((g.at(0) + g.at(2)) / 2));
 }
