@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include "test_util.hpp"
+#include <mopt/prompt/soft_prompt.hpp>
 #include <mopt/train/federated.hpp>
 
 using namespace mopt;
@@ -182,4 +183,43 @@ TEST_CASE("Each round draws C distinct clients from (seed, round)", "[train][fed
     CHECK(end.round == 4);
     CHECK(end.params[0].f32()[0] == Approx(4.0f));  // every client adds one; the average moves by one a round
     CHECK(seen.size() == 12);
+}
+
+TEST_CASE("Federated prompt tuning on a frozen tiny model: the global prompt improves, the model does not move",
+          "[train][federated]") {
+    using Model = nn::Transformer<nn::Llama, nn::DenseFFN<>, compress::None, prompt::SoftPrompt>;
+    data::Corpus c;
+    for (int i = 0; i < 10; ++i) {
+        c.docs.push_back({"abcdefgabcdefgabcdefgabcdefgabcdefgabcdefg", "cycle", "c" + std::to_string(i)});
+        c.docs.push_back({"ppqqrrssppqqrrssppqqrrssppqqrrssppqqrrss", "pairs", "p" + std::to_string(i)});
+    }
+    c.domains = {"cycle", "pairs"};
+    const test::ByteTokenizer tok{.symbols = 16};
+    data::Batches train(c, tok, {.batch_size = 4, .seq_len = 12, .seed = 1});
+    data::Batches val(c, tok, {.batch_size = 8, .seq_len = 12, .seed = 0});
+    Model m({.vocab_size = 19, .d_model = 16, .n_layers = 2, .n_heads = 2, .d_ff = 32, .max_seq = 24}, 11);
+    test::randomize_matrices(m, 5, 0.3f);
+    m.init_prompt({.length = 3, .init = prompt::PromptInit::uniform, .seed = 1});
+    std::vector<Tensor> weights;
+    m.visit_parameters([&](autodiff::Parameter& p) { weights.push_back(p.value().clone()); });
+    const double before = eval::corpus_perplexity(m, val).ppl();
+
+    const data::FederatedSplit split = data::skewed_split(train, {.clients = 4, .skew = 15, .seed = 2});
+    const train::FederatedResult r = train::tune_prompt_federated(
+        m, train, &val, split, {.clients = 4, .active = 2, .rounds = 6, .seed = 3},
+        {.local_steps = 3, .batch_size = 4, .lr = 5e-2f}, /*eval_every=*/2, 0, /*show_progress=*/false);
+    REQUIRE(r.rounds.size() == 6);
+    CHECK(r.local_steps_total == 6 * 2 * 3);
+    CHECK(r.trainable_params == 3 * 16);
+    CHECK(std::isnan(r.rounds[0].val_ppl));  // validated every 2 rounds
+    CHECK_FALSE(std::isnan(r.rounds[1].val_ppl));
+    const double after = eval::corpus_perplexity(m, val).ppl();
+    INFO("validation ppl " << before << " -> " << after << " (best round " << r.best_round << ")");
+    CHECK(after == Approx(r.best_val_ppl).epsilon(1e-6));  // the best global prompt is in the model
+    CHECK(after < 0.9 * before);
+    std::size_t i = 0;
+    m.visit_parameters([&](autodiff::Parameter& p) {
+        CHECK(std::memcmp(p.value().f32(), weights[i].f32(), weights[i].bytes()) == 0);
+        ++i;
+    });
 }
