@@ -261,6 +261,45 @@ TEST_CASE("Prompt policies agree where they coincide", "[prompt]") {
     }
 }
 
+TEST_CASE("MixtureOfPrompts follows Algorithm 1 of Dun et al. step by step", "[prompt]") {
+    // Reference built from the model's pieces: P¹ before the text at layer 0, the gate from the
+    // mean of the layer-L_int input over P¹ and text, the expert prompts prepended at L_int and
+    // each expert's rows scaled by its gate value at the input of EVERY layer from L_int on.
+    auto m = frozen_model<Llama<prompt::MixtureOfPrompts>>(3);
+    m.init_prompt(config(4, 1, 2, 2));
+    randomize(m.prompt().gate, 4, 1.0f);
+    auto& mop = m.prompt();
+    const Tensor ids = random_ids({2, 5}, 13, 11);
+    NoGrad no_grad;
+    Tape tape;
+    const auto out = m.forward(tape, ids);
+
+    auto rows = [&](Parameter& p) {  // [K, d] -> [B, K, d]
+        Tensor t = Tensor::empty({2, p.shape()[0], 8});
+        for (std::int64_t b = 0; b < 2; ++b) std::copy_n(p.value().f32(), p.numel(), t.f32() + b * p.numel());
+        return tape.constant(t);
+    };
+    Var x = m.embed(tape, ids, 6);  // text at positions 6..10 (4 expert prompts + 2 input prompts)
+    x = ad::concat_seq(rows(mop.input_prompt), x);
+    nn::AttentionContext actx{.prefix = 2, .start_pos = 4};
+    nn::FeedForwardContext fctx;
+    x = m.block(tape, 0, x, actx, fctx);
+    const Var avg = ad::mean_seq(x);
+    const Var logits = ad::linear(ad::relu(ad::linear(avg, tape.constant(mop.gate.w1.value()))),
+                                  tape.constant(mop.gate.w2.value()));
+    const Var g = ad::softmax(logits);
+    x = ad::concat_seq(rows(mop.prompt), x);
+    actx.prefix = 6;
+    actx.start_pos = 0;
+    for (std::size_t l = 1; l < 3; ++l) x = m.block(tape, l, prompt::scale_row_groups(x, g, 2), actx, fctx);
+    const Tensor want = m.head(tape, ad::slice_seq(x, 6, 11)).value();
+    CHECK(max_diff(out.gate_logits.value(), logits.value()) < 1e-6);
+    CHECK(max_diff(out.gate.value(), g.value()) < 1e-6);
+    CHECK(max_diff(out.logits.value(), want) < 1e-5);
+    // Scaling only at L_int (not at every later layer) would differ.
+    CHECK(std::abs(g.value().at(0) - 0.5f) > 0.05f);
+}
+
 TEST_CASE("Prompt parameters are the prompt layer's; the model stays frozen", "[prompt]") {
     auto mop = frozen_model<Llama<prompt::MixtureOfPrompts>>(3);
     mop.init_prompt(config(6, 1, 3, 2));
