@@ -60,4 +60,7 @@
 #include "mopt/eval/corpus_perplexity.hpp"
 #include "mopt/eval/png.hpp"
 #include "mopt/eval/plot.hpp"
+#include "mopt/data/federated_split.hpp"
+#include "mopt/train/prompt_tuning.hpp"
+#include "mopt/train/federated.hpp"
 #include "mopt/eval/gate_analysis.hpp"

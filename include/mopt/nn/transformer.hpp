@@ -26,6 +26,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "mopt/autodiff/ops.hpp"
 #include "mopt/backend/cpu/cpu.hpp"
 #include "mopt/compress/none.hpp"
@@ -272,12 +274,21 @@ public:
         visit_parameters([&](Parameter& p) { n += p.numel(); });
         return n;
     }
-    // Bytes the weights take in memory.
+    // Bytes the weights take in memory (packed projections at their packed size).
     [[nodiscard]] std::int64_t parameter_bytes() {
         std::int64_t n = 0;
         visit_parameters([&](Parameter& p) { n += static_cast<std::int64_t>(p.value().bytes()); });
+        // Packed (compressed) projections are not parameters any more; count their buffers.
+        visit_linears([&](Linear& l, LinearRole) {
+            if (l.is_packed()) n += l.bytes();
+        });
         return n;
     }
+    // The recipe a compressed model was made with (compress/recipe.hpp's JSON; null when dense):
+    // set by compress::compress and by loading a compressed checkpoint, saved into its config.json.
+    [[nodiscard]] const nlohmann::json& compression_recipe() const { return compression_recipe_; }
+    void set_compression_recipe(nlohmann::json r) { compression_recipe_ = std::move(r); }
+
     // Freezes (or unfreezes) every parameter: prompt tuning trains only the prompt.
     void set_trainable(bool on) {
         visit_parameters([&](Parameter& p) { p.set_trainable(on); });
@@ -308,6 +319,7 @@ private:
     typename Norm::Layer final_norm_;
     Parameter lm_head_;          // [vocab, d] (untied only)
     [[no_unique_address]] typename prompt::LayerOf<Prompt>::type prompt_;  // prompt parameters and hooks
+    nlohmann::json compression_recipe_;
 };
 
 }  // namespace mopt::nn
