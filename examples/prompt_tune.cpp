@@ -111,20 +111,6 @@ nlohmann::json expert_load(const eval::CorpusPerplexity& p) {
     return load;
 }
 
-// Token ids by frequency in the training split, most frequent first (vocab init samples from the
-// 5000 most frequent, Lester et al. §2.2).
-std::vector<std::int32_t> frequent_ids(const data::TokenStreams& s) {
-    std::vector<std::int64_t> count(static_cast<std::size_t>(s.vocab_size), 0);
-    for (const auto& stream : s.per_domain)
-        for (std::int32_t t : stream) ++count[static_cast<std::size_t>(t)];
-    std::vector<std::int32_t> ids(count.size());
-    for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<std::int32_t>(i);
-    std::stable_sort(ids.begin(), ids.end(), [&](std::int32_t a, std::int32_t b) {
-        return count[static_cast<std::size_t>(a)] > count[static_cast<std::size_t>(b)];
-    });
-    return ids;
-}
-
 template <class Model>
 int tune(const Options& o, Model& model, const data::CorpusSplits& splits) {
     using Policy = typename Model::Prompt;
@@ -163,7 +149,7 @@ int tune(const Options& o, Model& model, const data::CorpusSplits& splits) {
     data::Batches train(splits.train, tok, {.batch_size = o.batch, .seq_len = T, .seed = o.seed});
     data::Batches val(splits.validation, tok, {.batch_size = o.batch, .seq_len = T, .seed = 0});
     data::Batches test(splits.test, tok, {.batch_size = o.batch, .seq_len = T, .seed = 0});
-    if (pc.init == prompt::PromptInit::vocab) pc.frequent_ids = frequent_ids(train.streams());
+    if (pc.init == prompt::PromptInit::vocab) pc.frequent_ids = data::ids_by_frequency(train.streams());
 
     // Before: the model alone (no prompt is built yet, so forward runs the model by itself).
     std::fprintf(stderr, "prompt_tune: %s + %s; test split %lld tokens in windows of %lld\n",

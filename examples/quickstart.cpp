@@ -1,199 +1,240 @@
-// quickstart — the main example until the compress-then-prompt experiment lands: a two-layer
-// attention model learns to copy a random sequence (…, SEP, then the same symbols again) with
-// mopt's own autodiff, and prints the loss curve. Copying needs attention to look back exactly
-// L+1 positions, which rotary attention learns within a few hundred steps.
+// quickstart — "compress, then prompt" in a few minutes on a laptop-class CPU: the committed dense
+// base model (models/dense-brown) is compressed, then a soft prompt and a Mixture of Prompts are
+// learned on the frozen compressed model to win back the perplexity compression lost. Prints one
+// table of Brown test perplexity: dense / compressed / compressed + soft prompt / compressed + MoP.
 //
-//   quickstart [--steps N] [--batch B] [--length L] [--lr LR] [--seed S] [--json PATH]
-#include <boost/program_options.hpp>
+//   quickstart [--model models/dense-brown] [--brown-dir data/brown] [--json PATH]
+//              [--method sparsegpt --sparsity 0.75 | --method nm --nm-zero 2 --nm-group 4 | …]
+//              [--prompt-len 20] [--steps 150] [--experts 7 --per-expert 4 --inject-layer 1]
+//
+// The experiment as types (the model's Compression slot takes the recipe at run time):
+//   nn::Transformer<nn::Llama, nn::DenseFFN<>, compress::Any, prompt::SoftPrompt>
+//   nn::Transformer<nn::Llama, nn::DenseFFN<>, compress::Any, prompt::MixtureOfPrompts>
+// Both prompts are trained on the same Brown train windows with AdamW (the model frozen), the
+// best validation prompt kept; perplexity is measured on the first --eval-windows windows of the
+// Brown test split, the same windows for every row. The compressed model is written once and
+// loaded into the MoP type, so the two prompts see bit-identical compressed weights.
+// --json PATH writes {"ppl_dense", "ppl_compressed", "ppl_prompt", "ppl_mop", "gap_recovered_prompt",
+// "gap_recovered_mop", "bytes_dense", "bytes_compressed", "seconds", settings}.
 #include <chrono>
-#include <cmath>
 #include <cstdio>
-#include <fstream>
-#include <iostream>
-#include <mopt/mopt.hpp>
-#include <nlohmann/json.hpp>
+#include <filesystem>
 #include <random>
+#include <string>
+#include <vector>
+
+#include <mopt/mopt.hpp>
+
+#include "cli.hpp"
 
 namespace po = boost::program_options;
+namespace fs = std::filesystem;
 using namespace mopt;
-using namespace mopt::autodiff;
+using cli::usage_check;
 
 namespace {
 
-constexpr std::int32_t bos = 0, sep = 1, first_symbol = 2;
+using SoftModel = nn::Transformer<nn::Llama, nn::Llama::FFN, compress::Any, prompt::SoftPrompt>;
+using MopModel = nn::Transformer<nn::Llama, nn::Llama::FFN, compress::Any, prompt::MixtureOfPrompts>;
 
-struct Config {
-    std::int64_t vocab = 16, d_model = 64, heads = 4, ffn = 128, layers = 2, length = 8;
+struct Options {
+    std::string model = "models/dense-brown", brown_dir = "data/brown", json, method = "sparsegpt", work;
+    double sparsity = 0.75;
+    int nm_zero = 2, nm_group = 4, bits = 4;
+    std::int64_t prompt_len = 20, experts = 7, per_expert = 4, inject_layer = 1, gate_dim = 64;
+    std::int64_t steps = 150, mop_steps = 150, gate_steps = 30, batch = 8, seq_len = 128;
+    std::int64_t eval_windows = 64, calibration_windows = 32;
+    float lr = 0.03f, mop_lr = 0.03f;
+    std::uint64_t seed = 0;
 };
 
-// A pre-norm decoder block: RMSNorm → causal rotary attention → residual; RMSNorm → SwiGLU → residual.
-struct Block {
-    Parameter attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
-};
-
-struct CopyModel {
-    Config cfg;
-    Parameter embed, final_norm, head;
-    std::vector<Block> blocks;
-
-    CopyModel(Config c, std::mt19937_64& rng) : cfg(c) {
-        auto init = [&](const char* name, Shape s, float stddev) {
-            std::normal_distribution<float> dist(0.0f, stddev);
-            Tensor t = Tensor::empty(s);
-            for (float& v : t.span()) v = dist(rng);
-            return Parameter(name, t);
-        };
-        const float s = 1.0f / std::sqrt(static_cast<float>(c.d_model));
-        embed = init("embed", {c.vocab, c.d_model}, 1.0f);
-        final_norm = Parameter("final_norm", Tensor::full({c.d_model}, 1.0f));
-        head = init("head", {c.vocab, c.d_model}, s);
-        for (std::int64_t l = 0; l < c.layers; ++l)
-            blocks.push_back({Parameter("attn_norm", Tensor::full({c.d_model}, 1.0f)),
-                              init("wq", {c.d_model, c.d_model}, s), init("wk", {c.d_model, c.d_model}, s),
-                              init("wv", {c.d_model, c.d_model}, s), init("wo", {c.d_model, c.d_model}, s),
-                              Parameter("ffn_norm", Tensor::full({c.d_model}, 1.0f)),
-                              init("w_gate", {c.ffn, c.d_model}, s), init("w_up", {c.ffn, c.d_model}, s),
-                              init("w_down", {c.d_model, c.ffn}, 1.0f / std::sqrt(static_cast<float>(c.ffn)))});
-    }
-
-    std::vector<Parameter*> parameters() {
-        std::vector<Parameter*> p{&embed, &final_norm, &head};
-        for (auto& b : blocks)
-            for (auto* q : {&b.attn_norm, &b.wq, &b.wk, &b.wv, &b.wo, &b.ffn_norm, &b.w_gate, &b.w_up, &b.w_down})
-                p.push_back(q);
-        return p;
-    }
-
-    // ids: i32 [B, T] -> logits [B, T, vocab]
-    Var forward(Tape& tape, const Tensor& ids) {
-        const std::int64_t B = ids.dim(0), T = ids.dim(1), H = cfg.heads, Dh = cfg.d_model / H;
-        Var x = embedding(tape.parameter(embed), ids);
-        for (auto& b : blocks) {
-            Var h = rms_norm(x, tape.parameter(b.attn_norm));
-            Var q = rope(reshape(linear(h, tape.parameter(b.wq)), {B, T, H, Dh}));
-            Var k = rope(reshape(linear(h, tape.parameter(b.wk)), {B, T, H, Dh}));
-            Var v = reshape(linear(h, tape.parameter(b.wv)), {B, T, H, Dh});
-            x = add(x, linear(reshape(attention(q, k, v), {B, T, cfg.d_model}), tape.parameter(b.wo)));
-            h = rms_norm(x, tape.parameter(b.ffn_norm));
-            Var f = swiglu(linear(h, tape.parameter(b.w_gate)), linear(h, tape.parameter(b.w_up)));
-            x = add(x, linear(f, tape.parameter(b.w_down)));
-        }
-        return linear(rms_norm(x, tape.parameter(final_norm)), tape.parameter(head));
-    }
-};
-
-// A batch of [BOS, s_1..s_L, SEP, s_1..s_L]; only the predictions of the copy count.
-struct Batch {
-    Tensor ids, targets;
-};
-Batch make_batch(std::int64_t batch, std::int64_t length, std::int64_t vocab, std::mt19937_64& rng) {
-    const std::int64_t T = 2 * length + 2;
-    Batch b{Tensor::empty({batch, T}, DType::i32), Tensor::empty({batch, T}, DType::i32)};
-    std::uniform_int_distribution<std::int32_t> symbol(first_symbol, static_cast<std::int32_t>(vocab) - 1);
-    auto* ids = b.ids.data<std::int32_t>();
-    auto* tgt = b.targets.data<std::int32_t>();
-    for (std::int64_t r = 0; r < batch; ++r) {
-        std::int32_t* s = ids + r * T;
-        s[0] = bos;
-        for (std::int64_t i = 0; i < length; ++i) s[1 + i] = symbol(rng);
-        s[length + 1] = sep;
-        for (std::int64_t i = 0; i < length; ++i) s[length + 2 + i] = s[1 + i];
-        for (std::int64_t t = 0; t < T; ++t)  // position t predicts token t+1 when that is a copied symbol
-            tgt[r * T + t] = (t >= length + 1 && t + 1 < T) ? s[t + 1] : -100;
-    }
-    return b;
+double seconds_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
-// Accuracy of greedy predictions on the copied half.
-double copy_accuracy(const Tensor& logits, const Tensor& targets) {
-    const std::int64_t V = logits.shape().back(), n = targets.numel();
-    std::int64_t right = 0, total = 0;
-    for (std::int64_t i = 0; i < n; ++i) {
-        const std::int32_t t = targets.data<std::int32_t>()[i];
-        if (t < 0) continue;
-        const float* row = logits.f32() + i * V;
-        right += std::max_element(row, row + V) - row == t;
-        ++total;
+compress::Recipe recipe_of(const Options& o) {
+    compress::Recipe r;
+    if (o.method == "nm") {
+        r.prune = compress::Saliency::sparsegpt;
+        r.sparsity = {.ratio = 0.0, .nm_zero = o.nm_zero, .nm_group = o.nm_group};
+    } else if (o.method == "magnitude" || o.method == "wanda" || o.method == "sparsegpt") {
+        r.prune = compress::parse_saliency(o.method);
+        r.sparsity.ratio = o.sparsity;
+    } else if (o.method == "rtn" || o.method == "gptq") {
+        r.quantizer = compress::parse_quantizer(o.method);
+        r.quant.bits = o.bits;
+    } else {
+        throw cli::UsageError("--method must be magnitude, wanda, sparsegpt, nm, rtn or gptq, got '" + o.method + "'");
     }
-    return total ? static_cast<double>(right) / static_cast<double>(total) : 0.0;
+    try {
+        r.validate("quickstart");
+    } catch (const Error& e) {
+        throw cli::UsageError(e.what());
+    }
+    return r;
+}
+
+// Trains the model's prompt (already built by init_prompt) and returns its test perplexity.
+template <class Model>
+double tune_and_score(Model& model, data::Batches& train, data::Batches& val, data::Batches& test, const Options& o,
+                      std::int64_t steps, std::int64_t gate_steps, float lr, std::int64_t eval_batches) {
+    train::PromptTuningOptions to{.steps = steps,
+                                  .gate_pretrain_steps = gate_steps,
+                                  .lr = lr,
+                                  .warmup = steps / 10,
+                                  .eval_every = std::max<std::int64_t>(steps / 3, 1),
+                                  .eval_batches = 4,
+                                  .log_every = 25};
+    train::tune_prompt(model, train, &val, to);
+    return eval::corpus_perplexity(model, test, eval_batches).ppl();
+}
+
+int run(const Options& o) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const compress::Recipe recipe = recipe_of(o);
+    usage_check(fs::exists(fs::path(o.model) / "config.json"), "--model ", fs::path(o.model),
+                ": no Hugging Face folder (config.json) there");
+    usage_check(fs::is_directory(o.brown_dir), "--brown-dir ", fs::path(o.brown_dir),
+                ": no such folder (scripts/setup downloads the Brown corpus there)");
+    const data::Tokenizer tok = data::Tokenizer::load(fs::path(o.model) / "tokenizer.model");
+    const data::Corpus corpus = data::read_brown(o.brown_dir, data::BrownDomains::groups7);
+    const data::CorpusSplits splits = data::split_corpus(corpus, 1234);  // examples/pretrain's split
+    const std::int64_t T = o.seq_len;
+    data::Batches train(splits.train, tok, {.batch_size = o.batch, .seq_len = T, .seed = o.seed});
+    data::Batches val(splits.validation, tok, {.batch_size = o.batch, .seq_len = T, .seed = 0});
+    data::Batches test(splits.test, tok, {.batch_size = o.batch, .seq_len = T, .seed = 0});
+    const std::int64_t eval_batches = (o.eval_windows + o.batch - 1) / o.batch;
+    const auto D = static_cast<std::int64_t>(splits.train.domains.size());
+
+    // 1. The dense model.
+    SoftModel model = SoftModel::load(o.model);
+    usage_check(T + std::max(o.prompt_len, o.experts * o.per_expert) <= model.config().max_seq, "--seq-len ", T,
+                " plus the prompt must fit the model's context of ", model.config().max_seq);
+    const std::int64_t bytes_dense = model.parameter_bytes();
+    const double ppl_dense = eval::corpus_perplexity(model, test, eval_batches).ppl();
+    std::fprintf(stderr, "quickstart: dense model %.2f MB, test ppl %.2f (%.0f s)\n", bytes_dense / 1e6, ppl_dense,
+                 seconds_since(t0));
+
+    // 2. Compressed, calibrated on windows of the train split, then saved for the MoP type.
+    const Tensor calibration = compress::calibration_windows(train, o.calibration_windows, o.seed);
+    const compress::CompressionReport rep = compress::compress(model, recipe, calibration);
+    const double ppl_compressed = eval::corpus_perplexity(model, test, eval_batches).ppl();
+    std::fprintf(stderr, "quickstart: %s: %.2f MB, test ppl %.2f (%.0f s)\n", recipe.describe().c_str(),
+                 rep.model_bytes_after / 1e6, ppl_compressed, seconds_since(t0));
+    const fs::path work = o.work.empty() ? fs::temp_directory_path() / ("mopt-quickstart-" + std::to_string(std::random_device{}()))
+                                         : fs::path(o.work);
+    model.save(work / "compressed");
+
+    // 3. A soft prompt on the frozen compressed model.
+    prompt::PromptConfig soft;
+    soft.length = o.prompt_len;
+    soft.init = prompt::PromptInit::vocab;
+    soft.frequent_ids = data::ids_by_frequency(train.streams());
+    soft.seed = o.seed;
+    model.init_prompt(soft);
+    const double ppl_prompt = tune_and_score(model, train, val, test, o, o.steps, 0, o.lr, eval_batches);
+    std::fprintf(stderr, "quickstart: + soft prompt (%lld tokens): test ppl %.2f (%.0f s)\n",
+                 static_cast<long long>(o.prompt_len), ppl_prompt, seconds_since(t0));
+
+    // 4. A Mixture of Prompts (Dun et al.): experts × per_expert prompts at layer L_int, a gate
+    //    pretrained on the domain labels (expert d <-> Brown group d), then trained jointly.
+    MopModel mop = MopModel::load(work / "compressed");
+    prompt::PromptConfig pc;
+    pc.experts = o.experts;
+    pc.length = o.experts * o.per_expert;
+    pc.inject_layer = o.inject_layer;
+    pc.gate_dim = o.gate_dim;
+    pc.init = prompt::PromptInit::vocab;
+    pc.frequent_ids = soft.frequent_ids;
+    pc.seed = o.seed;
+    mop.init_prompt(pc);
+    const std::int64_t gate_steps = o.experts == D ? o.gate_steps : 0;
+    const double ppl_mop = tune_and_score(mop, train, val, test, o, o.mop_steps, gate_steps, o.mop_lr, eval_batches);
+    std::error_code ec;
+    if (o.work.empty()) fs::remove_all(work, ec);
+
+    const double gap = ppl_compressed - ppl_dense;
+    const auto recovered = [&](double p) { return gap > 0 ? (ppl_compressed - p) / gap : 0.0; };
+    std::printf("\nBrown test perplexity (%lld windows of %lld tokens), %s\n", static_cast<long long>(o.eval_windows),
+                static_cast<long long>(T), SoftModel::structure().describe().c_str());
+    std::printf("  %-44s %10s %10s %16s\n", "model", "MB", "ppl", "gap recovered");
+    std::printf("  %-44s %10.2f %10.2f\n", "dense", bytes_dense / 1e6, ppl_dense);
+    std::printf("  %-44s %10.2f %10.2f\n", ("compressed: " + recipe.describe()).c_str(), rep.model_bytes_after / 1e6,
+                ppl_compressed);
+    std::printf("  %-44s %10.2f %10.2f %15.0f%%\n",
+                ("compressed + soft prompt (" + std::to_string(o.prompt_len) + " tokens)").c_str(),
+                rep.model_bytes_after / 1e6, ppl_prompt, 100 * recovered(ppl_prompt));
+    std::printf("  %-44s %10.2f %10.2f %15.0f%%\n",
+                ("compressed + MoP (" + std::to_string(o.experts) + "x" + std::to_string(o.per_expert) + " at layer " +
+                 std::to_string(o.inject_layer) + ")")
+                    .c_str(),
+                rep.model_bytes_after / 1e6, ppl_mop, 100 * recovered(ppl_mop));
+    const double seconds = seconds_since(t0);
+    std::printf("(%.0f s)\n", seconds);
+    cli::write_json(o.json, {{"ppl_dense", ppl_dense},
+                             {"ppl_compressed", ppl_compressed},
+                             {"ppl_prompt", ppl_prompt},
+                             {"ppl_mop", ppl_mop},
+                             {"gap_recovered_prompt", recovered(ppl_prompt)},
+                             {"gap_recovered_mop", recovered(ppl_mop)},
+                             {"bytes_dense", bytes_dense},
+                             {"bytes_compressed", rep.model_bytes_after},
+                             {"compression", recipe.to_json()},
+                             {"prompt_len", o.prompt_len},
+                             {"experts", o.experts},
+                             {"per_expert", o.per_expert},
+                             {"inject_layer", o.inject_layer},
+                             {"steps", o.steps},
+                             {"mop_steps", o.mop_steps},
+                             {"gate_pretrain_steps", gate_steps},
+                             {"eval_windows", o.eval_windows},
+                             {"seq_len", T},
+                             {"model", o.model},
+                             {"seconds", seconds}});
+    return 0;
 }
 
 }  // namespace
 
-int main(int argc, char** argv) try {
-    std::int64_t steps = 300, batch = 32, length = 8;
-    float lr = 3e-3f;
-    std::uint64_t seed = 1;
-    std::string json_path;
-    po::options_description opts("quickstart: a two-layer attention model learns to copy (mopt autodiff on the CPU)");
-    opts.add_options()("help,h", "show this help")
-        ("steps", po::value(&steps)->default_value(steps), "training steps")
-        ("batch", po::value(&batch)->default_value(batch), "sequences per step")
-        ("length", po::value(&length)->default_value(length), "symbols to copy (sequence = 2*length + 2)")
-        ("lr", po::value(&lr)->default_value(lr), "AdamW learning rate")
-        ("seed", po::value(&seed)->default_value(seed), "random seed (data and initialisation)")
-        ("json", po::value(&json_path), "write the loss curve and final metrics as JSON to this file");
-    po::variables_map vm;
-    po::store(po::parse_command_line(argc, argv, opts), vm);
-    if (vm.count("help")) {
-        std::cout << opts << "\n";
-        return 0;
-    }
-    po::notify(vm);
-    check(steps > 0, "--steps must be positive, got ", steps);
-    check(batch > 0, "--batch must be positive, got ", batch);
-    check(length > 0 && length <= 64, "--length must be in [1, 64], got ", length);
-    check(lr > 0 && std::isfinite(lr), "--lr must be a positive number, got ", lr);
-
-    std::mt19937_64 rng(seed);
-    CopyModel model(Config{.length = length}, rng);
-    auto params = model.parameters();
-    train::AdamW opt(params, {.lr = lr, .weight_decay = 0.0f});
-    Tape tape;
-    std::vector<double> curve;
-    const auto start = std::chrono::steady_clock::now();
-    std::printf("step   loss    (chance: %.3f)\n", std::log(static_cast<double>(model.cfg.vocab - first_symbol)));
-    for (std::int64_t step = 0; step < steps; ++step) {
-        tape.reset();
-        Batch b = make_batch(batch, length, model.cfg.vocab, rng);
-        Var loss = cross_entropy(model.forward(tape, b.ids), b.targets);
-        tape.backward(loss);
-        train::clip_grad_norm(params, 1.0);
-        opt.step();
-        curve.push_back(loss.item());
-        if (step % std::max<std::int64_t>(steps / 15, 1) == 0 || step + 1 == steps) {
-            const int bar = static_cast<int>(std::min(60.0, 20.0 * curve.back()));
-            std::printf("%5lld  %6.3f  %s\n", static_cast<long long>(step), curve.back(), std::string(bar, '#').c_str());
-        }
-    }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-
-    NoGrad eval;
-    tape.reset();
-    Batch test = make_batch(256, length, model.cfg.vocab, rng);
-    const Tensor& logits = model.forward(tape, test.ids).value();
-    const double accuracy = copy_accuracy(logits, test.targets);
-    auto mean_of = [&](std::size_t from, std::size_t to) {
-        double s = 0;
-        for (std::size_t i = from; i < to; ++i) s += curve[i];
-        return s / static_cast<double>(to - from);
-    };
-    const std::size_t w = std::max<std::size_t>(curve.size() / 10, 1);
-    const double first = mean_of(0, w), last = mean_of(curve.size() - w, curve.size());
-    std::printf("\n%lld steps in %.1f s (%.0f tokens/s); copy accuracy on 256 new sequences: %.1f%%\n",
-                static_cast<long long>(steps), seconds, static_cast<double>(steps * batch * (2 * length + 2)) / seconds,
-                100.0 * accuracy);
-    const bool fell = last < 0.5 * first;
-    std::printf("%s from %.3f to %.3f (mean of the first and last tenth of the steps)\n",
-                fell ? "loss fell" : "loss did not fall by half", first, last);
-    if (!json_path.empty()) {
-        nlohmann::json j{{"steps", steps},       {"loss_first", first}, {"loss_last", last},
-                         {"accuracy", accuracy}, {"seconds", seconds},  {"loss_curve", curve}};
-        std::ofstream(json_path) << j.dump(2) << "\n";
-        check(std::ifstream(json_path).good(), "--json: could not write ", json_path);
-    }
-    return fell ? 0 : 1;
-} catch (const std::exception& e) {
-    std::fprintf(stderr, "quickstart: %s\n", e.what());
-    return 2;
+int main(int argc, char** argv) {
+    return cli::run("quickstart", [&] {
+        Options o;
+        po::options_description opts(
+            "quickstart: compress the dense base model, then learn a soft prompt and a Mixture of Prompts that win "
+            "back what compression lost; prints Brown test perplexity of each\nusage: quickstart [options]");
+        opts.add_options()
+            ("help,h", "show this help")
+            ("model", po::value(&o.model)->default_value(o.model), "dense Llama model folder (config.json, tokenizer.model)")
+            ("brown-dir", po::value(&o.brown_dir)->default_value(o.brown_dir), "where scripts/setup put the Brown corpus")
+            ("method", po::value(&o.method)->default_value(o.method), "magnitude, wanda, sparsegpt, nm (SparseGPT N:M), rtn or gptq")
+            ("sparsity", po::value(&o.sparsity)->default_value(o.sparsity), "unstructured pruning: fraction of each row zeroed")
+            ("nm-zero", po::value(&o.nm_zero)->default_value(o.nm_zero), "--method nm: weights ZEROED in every group of --nm-group")
+            ("nm-group", po::value(&o.nm_group)->default_value(o.nm_group), "--method nm: group size M")
+            ("bits", po::value(&o.bits)->default_value(o.bits), "rtn/gptq: bits per weight (groups of 128)")
+            ("prompt-len", po::value(&o.prompt_len)->default_value(o.prompt_len), "soft prompt tokens")
+            ("experts", po::value(&o.experts)->default_value(o.experts), "MoP experts (7 = one per Brown group, gate pretrained)")
+            ("per-expert", po::value(&o.per_expert)->default_value(o.per_expert), "MoP prompts per expert")
+            ("inject-layer", po::value(&o.inject_layer)->default_value(o.inject_layer), "MoP injection layer L_int")
+            ("steps", po::value(&o.steps)->default_value(o.steps), "soft prompt training steps")
+            ("mop-steps", po::value(&o.mop_steps)->default_value(o.mop_steps), "MoP joint training steps")
+            ("gate-steps", po::value(&o.gate_steps)->default_value(o.gate_steps), "MoP gate pretraining steps")
+            ("lr", po::value(&o.lr)->default_value(o.lr), "soft prompt learning rate (AdamW)")
+            ("mop-lr", po::value(&o.mop_lr)->default_value(o.mop_lr), "MoP learning rate (AdamW)")
+            ("batch", po::value(&o.batch)->default_value(o.batch), "windows per step")
+            ("seq-len", po::value(&o.seq_len)->default_value(o.seq_len), "text tokens per window")
+            ("eval-windows", po::value(&o.eval_windows)->default_value(o.eval_windows), "Brown test windows scored")
+            ("calibration-windows", po::value(&o.calibration_windows)->default_value(o.calibration_windows),
+             "Brown train windows that calibrate the compression")
+            ("seed", po::value(&o.seed)->default_value(o.seed), "seed of batches, calibration and prompt initialisation")
+            ("work", po::value(&o.work), "folder for the compressed model (default: a temporary folder, removed)")
+            ("json", po::value(&o.json), "write the result as JSON to this file");
+        po::variables_map vm;
+        if (!cli::parse(argc, argv, opts, vm)) return 0;
+        for (auto [flag, v] : {std::pair{"prompt-len", o.prompt_len}, {"experts", o.experts}, {"per-expert", o.per_expert},
+                               {"steps", o.steps}, {"mop-steps", o.mop_steps}, {"batch", o.batch}, {"seq-len", o.seq_len},
+                               {"eval-windows", o.eval_windows}, {"calibration-windows", o.calibration_windows}})
+            usage_check(v >= 1, "--", flag, " must be >= 1, got ", v);
+        usage_check(o.gate_steps >= 0 && o.inject_layer >= 0, "--gate-steps and --inject-layer must be >= 0");
+        return run(o);
+    });
 }

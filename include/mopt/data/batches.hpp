@@ -47,6 +47,21 @@ struct TokenStreams {
     }
 };
 
+// Token ids ordered by how often they occur in `s`, most frequent first (ties by id): a soft
+// prompt's vocabulary initialisation samples the most frequent 5000 (Lester et al. 2021, §2.2).
+[[nodiscard]] inline std::vector<std::int32_t> ids_by_frequency(const TokenStreams& s) {
+    std::vector<std::int64_t> count(static_cast<std::size_t>(s.vocab_size), 0);
+    for (const auto& stream : s.per_domain)
+        for (std::int32_t t : stream)
+            if (t >= 0 && t < s.vocab_size) ++count[static_cast<std::size_t>(t)];
+    std::vector<std::int32_t> ids(count.size());
+    for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<std::int32_t>(i);
+    std::stable_sort(ids.begin(), ids.end(), [&](std::int32_t a, std::int32_t b) {
+        return count[static_cast<std::size_t>(a)] > count[static_cast<std::size_t>(b)];
+    });
+    return ids;
+}
+
 // Encodes every document of `corpus` (in parallel: encoding is const), keeping corpus order
 // within each domain's stream.
 template <TextTokenizer Tok>
