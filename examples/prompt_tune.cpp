@@ -111,6 +111,38 @@ nlohmann::json expert_load(const eval::CorpusPerplexity& p) {
     return load;
 }
 
+// Mean gate weight per domain over the test split (Dun et al. Fig. 5): CSV and heatmap in `out`.
+template <class Model>
+void write_gate_map(Model& model, data::Batches& test, const fs::path& out, const std::string& stem,
+                    const std::string& title) {
+    eval::GateByDomain gates(test.streams().domains, model.prompt().config().experts);
+    autodiff::NoGrad no_grad;
+    autodiff::Tape tape;
+    data::Batch batch;
+    test.start_epoch(0);
+    while (test.next(batch)) {
+        tape.reset();
+        const nn::ForwardOutput o = model.forward(tape, batch.ids);
+        std::vector<std::int64_t> domains(static_cast<std::size_t>(batch.size()));
+        for (std::int64_t b = 0; b < batch.size(); ++b) domains[static_cast<std::size_t>(b)] = batch.domains.data<std::int32_t>()[b];
+        gates.add(o.gate.value(), domains);
+    }
+    gates.write_csv(out / (stem + ".csv"));
+    gates.write_png(out / (stem + ".png"), title);
+}
+
+// Each expert layer's load (share of tokens per expert) before and after the prompt, as bars.
+void write_expert_load(const eval::CorpusPerplexity& before, const eval::CorpusPerplexity& after, const fs::path& file) {
+    eval::BarChart chart{.title = "expert load on the test split, without and with the prompt", .x_label = "expert",
+                         .y_label = "share of tokens"};
+    for (std::size_t e = 0; e < before.experts.front().fraction.size(); ++e) chart.categories.push_back(std::to_string(e));
+    for (std::size_t l = 0; l < before.experts.size(); ++l) {
+        chart.groups.push_back({.label = "layer " + std::to_string(before.experts[l].layer) + " without", .y = before.experts[l].fraction});
+        chart.groups.push_back({.label = "layer " + std::to_string(after.experts[l].layer) + " with prompt", .y = after.experts[l].fraction});
+    }
+    eval::write_png(file, chart, 900, 500);
+}
+
 template <class Model>
 int tune(const Options& o, Model& model, const data::CorpusSplits& splits) {
     using Policy = typename Model::Prompt;
@@ -162,6 +194,10 @@ int tune(const Options& o, Model& model, const data::CorpusSplits& splits) {
     if (!o.prompt_dir.empty()) {
         io::load_prompt(model.prompt(), o.prompt_dir);
         std::fprintf(stderr, "prompt_tune: loaded the prompt in %s\n", o.prompt_dir.c_str());
+    }
+    if constexpr (is_mop) {
+        fs::create_directories(fs::path(o.out));
+        write_gate_map(model, test, o.out, "gates_before", "mean gate weight per domain (test split, untrained)");
     }
     // Gate pretraining: expert e <-> domain e (one-to-one when E = D; else domain d -> expert d mod E).
     std::vector<std::int32_t> expert_of_domain;
@@ -259,6 +295,11 @@ int tune(const Options& o, Model& model, const data::CorpusSplits& splits) {
     // After: the model with the learned (best) prompt, on the same test windows.
     const eval::CorpusPerplexity after = eval::corpus_perplexity(model, test);
     io::save_prompt(model.prompt(), out / "prompt");
+    if constexpr (is_mop) {
+        write_gate_map(model, test, out, "gates", "mean gate weight per domain (test split, trained)");
+        result["gates_csv"] = (out / "gates.csv").string();
+    }
+    if (!after.experts.empty()) write_expert_load(before, after, out / "expert_load.png");
     result["ppl_after"] = after.ppl();
     result["ppl_per_domain"] = per_domain(after);
     result["test_tokens"] = after.tokens;

@@ -238,3 +238,21 @@ TEST_CASE("compress: on the dense base model's real activations SparseGPT < Wand
         }
     }
 }
+
+TEST_CASE("compress: a recipe chosen by the Compression slot's type", "[compress]") {
+    using Pruned = nn::Transformer<nn::Llama, nn::DenseFFN<>, compress::Prune<compress::SparseGPT, compress::NM<2, 4>>>;
+    using Quantized = nn::Transformer<nn::Llama, nn::DenseFFN<>,
+                                      compress::PruneThenQuantize<compress::Prune<compress::Wanda, compress::Unstructured<500>>,
+                                                                  compress::Quantize<compress::GPTQ<3, 32>>>>;
+    const Tensor calib = random_ids({4, 32}, 31, 64);
+    Pruned pruned(tiny(), 2);
+    for (const auto& l : compress::compress(pruned, calib).layers) CHECK(l.format == "nm2:4");
+    Quantized quantized(tiny(), 2);
+    const auto report = compress::compress(quantized, calib);
+    CHECK(report.recipe.describe() == "wanda 50% + gptq int3 g32");
+    for (const auto& l : report.layers) {
+        CHECK(l.format == "int3");
+        CHECK(l.sparsity >= 0.5);  // the pruned zeros survive quantisation exactly
+    }
+    CHECK(compress::Prune<compress::Magnitude, compress::Unstructured<625>>::recipe()->sparsity.ratio == 0.625);
+}

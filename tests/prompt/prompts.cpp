@@ -197,17 +197,16 @@ TEST_CASE("SoftPrompt follows PEFT's positions: prompt vectors equal the tokens 
             embedding_rows(model_parameter(model, "model.embed_tokens.weight").value(), words));
         const Tensor got = logits_of(model, ids);
         REQUIRE(got.shape() == Shape{2, 5, 11});
-        // Reference: the words as tokens at positions 0..2, the text at 3..7, the words a prefix.
+        // Reference: the words as tokens at positions 0..2, the text at 3..7, causal throughout
+        // (PEFT's semantics): the plain model run on words + text.
         NoGrad no_grad;
         Tape tape;
         Var x = model.embed(tape, concat_ids(words, ids), 0);
-        nn::AttentionContext actx{.prefix = 3};
+        nn::AttentionContext actx{};
         nn::FeedForwardContext fctx;
         for (std::size_t l = 0; l < model.blocks().size(); ++l) x = model.block(tape, l, x, actx, fctx);
         const Tensor want = model.head(tape, ad::slice_seq(x, 3, 8)).value();
         CHECK(max_diff(got, want) < 1e-5);
-        // One layer: the prompt rows' own outputs (bidirectional prefix) never reach the text, so
-        // the text sees exactly what a causal run on words + text sees.
         return got;
     };
     SECTION("RoPE") {
@@ -281,7 +280,7 @@ TEST_CASE("MixtureOfPrompts follows Algorithm 1 of Dun et al. step by step", "[p
     };
     Var x = m.embed(tape, ids, 6);  // text at positions 6..10 (4 expert prompts + 2 input prompts)
     x = ad::concat_seq(rows(mop.input_prompt), x);
-    nn::AttentionContext actx{.prefix = 2, .start_pos = 4};
+    nn::AttentionContext actx{.start_pos = 4};
     nn::FeedForwardContext fctx;
     x = m.block(tape, 0, x, actx, fctx);
     const Var avg = ad::mean_seq(x);
@@ -289,7 +288,6 @@ TEST_CASE("MixtureOfPrompts follows Algorithm 1 of Dun et al. step by step", "[p
                                   tape.constant(mop.gate.w2.value()));
     const Var g = ad::softmax(logits);
     x = ad::concat_seq(rows(mop.prompt), x);
-    actx.prefix = 6;
     actx.start_pos = 0;
     for (std::size_t l = 1; l < 3; ++l) x = m.block(tape, l, prompt::scale_row_groups(x, g, 2), actx, fctx);
     const Tensor want = m.head(tape, ad::slice_seq(x, 6, 11)).value();

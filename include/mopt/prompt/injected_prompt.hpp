@@ -7,7 +7,7 @@
 //   layers ℓ < L_int:  x_{ℓ+1} = block_ℓ(x_ℓ)                   text rows only, positions K..K+T−1
 //   layer L_int:       x = concat_seq(P, x_{L_int})              the prompt is PREPENDED as K new
 //                                                                positions 0..K−1 (no text row is
-//                                                                replaced), an always-visible prefix
+//                                                                replaced); attention stays causal
 //   layers ℓ ≥ L_int:  x_{ℓ+1} = block_ℓ(x_ℓ)                   [B, K + T, d]
 //
 // The text keeps positions K..K+T−1 in every layer, so with or without the prompt a text token has

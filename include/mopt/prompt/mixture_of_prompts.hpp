@@ -11,8 +11,8 @@
 //                 positions 0..K−1 (K = E·p), as InjectedPrompt does;
 //   every layer ℓ ≥ L_int: at its input the rows of expert e are multiplied by g_e
 //                 (scale_row_groups), so an expert's prompts fade with its gate value layer by layer.
-// Sequence order from L_int on: [P (K rows), P¹ (p₁ rows), text (n rows)], all prompt rows an
-// always-visible prefix; the head sees the text rows only.
+// Sequence order from L_int on: [P (K rows), P¹ (p₁ rows), text (n rows)] under causal attention
+// (every text row sees every prompt row); the head sees the text rows only.
 //
 // Pretraining P¹: it is a soft prompt of length p₁ trained first (SoftPrompt on the same frozen
 // model); copy its "prompt_embeddings" in with set_input_prompt() (or load it with

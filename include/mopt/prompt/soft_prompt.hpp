@@ -8,9 +8,10 @@
 // Positions follow Hugging Face PEFT for causal LMs, which concatenates the prompt to
 // inputs_embeds and extends the attention mask, so the model numbers the prompt 0..K−1 and the
 // text K..K+T−1: RoPE rotates by those positions, and a learned-position model adds its position
-// rows 0..K−1 to the prompt as it adds K.. to the text (max_seq must cover K + T). The prompt is an
-// always-visible prefix (AttentionContext::prefix): every text query sees all K rows, and the
-// prompt rows see each other. Before the head the K prompt rows are dropped, so logits and loss
+// rows 0..K−1 to the prompt as it adds K.. to the text (max_seq must cover K + T). Attention stays
+// causal over [prompt; text], as in PEFT: every text query sees all K prompt rows (they come
+// first), prompt row i sees rows 0..i — so a prompt file gives the same logits in mopt and in
+// PEFT (scripts/peft_check.py). Before the head the K prompt rows are dropped, so logits and loss
 // cover the text only.
 //
 // With a KV cache the prompt enters on the first call (empty cache) and stays in the cache; later
@@ -18,7 +19,7 @@
 //
 // Each policy's Layer has the same hooks, called by Transformer::forward:
 //   enter(tape, x, layer, actx, state) — at the input of block `layer`: may prepend prompt rows
-//                                        (actx.start_pos −= rows, actx.prefix += rows) and scale them;
+//                                        (actx.start_pos −= rows) and scale them;
 //   leave(tape, x, actx, state)        — before the final norm: drops the prompt rows;
 //   positions()                        — how many positions the prompt takes before the text.
 #include <cstdint>
@@ -41,7 +42,6 @@ inline autodiff::Var prepend(autodiff::Tape& tape, const autodiff::Var& x, autod
     const std::int64_t B = x.shape()[0], K = p.shape()[0];
     check(actx.start_pos >= K, "prompt: ", K, " prompt rows do not fit before position ", actx.start_pos);
     actx.start_pos -= K;
-    actx.prefix += K;
     // Broadcast over the batch as a gather of rows 0..K−1 for each entry (its backward sums over B).
     Tensor rows = tape.alloc({B, K}, DType::i32);
     for (std::int64_t i = 0; i < B * K; ++i) rows.data<std::int32_t>()[i] = static_cast<std::int32_t>(i % K);
