@@ -7,48 +7,19 @@
 
 #include <catch2/catch.hpp>
 
+#include "calibration_data.hpp"
+
 #include <mopt/compress/input_stats.hpp>
 #include <mopt/compress/prune.hpp>
 #include <mopt/tensor/eigen.hpp>
 
 using mopt::Tensor;
 using namespace mopt::compress;
+using mopt::test::correlated_inputs;
+using mopt::test::output_error;
+using mopt::test::random_tensor;
 
 namespace {
-
-// Uniform values in [lo, hi), reproducible from the seed.
-Tensor random_tensor(mopt::Shape shape, std::uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
-    std::mt19937_64 rng(seed);
-    std::uniform_real_distribution<float> dist(lo, hi);
-    Tensor t = Tensor::empty(shape);
-    for (auto& v : t.span()) v = dist(rng);
-    return t;
-}
-
-// Correlated activations X [n, in]: Z · A (Gaussian Z, random mixing A), columns scaled by factors
-// in [1/√10, √10], and every 17th column 5x larger (the outlier features LLMs show).
-Tensor correlated_inputs(std::int64_t n, std::int64_t in, std::uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> g(0.0f, 1.0f);
-    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-    std::vector<float> a(static_cast<std::size_t>(in * in)), scale(static_cast<std::size_t>(in));
-    for (auto& v : a) v = u(rng);
-    for (std::int64_t j = 0; j < in; ++j) scale[j] = std::pow(10.0f, 0.5f * u(rng)) * (j % 17 == 3 ? 5.0f : 1.0f);
-    Tensor z = Tensor::empty({n, in}), x = Tensor::zeros({n, in});
-    for (auto& v : z.span()) v = g(rng);
-    mopt::matrix(x).noalias() = mopt::matrix(z) * mopt::matrix(a.data(), in, in, in);
-    for (std::int64_t r = 0; r < n; ++r)
-        for (std::int64_t j = 0; j < in; ++j) x.f32()[r * in + j] *= scale[j] / std::sqrt(float(in));
-    return x;
-}
-
-// ‖X Wᵀ − X Ŵᵀ‖_F relative to ‖X Wᵀ‖_F.
-double output_error(const Tensor& x, const Tensor& w, const Tensor& w_hat) {
-    const auto X = mopt::matrix(x).cast<double>();
-    const auto W = mopt::matrix(w).cast<double>();
-    const auto Wh = mopt::matrix(w_hat).cast<double>();
-    return (X * (W - Wh).transpose()).norm() / (X * W.transpose()).norm();
-}
 
 std::int64_t zeros_in_row(const Tensor& w, std::int64_t r) {
     std::int64_t z = 0;
