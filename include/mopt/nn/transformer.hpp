@@ -10,7 +10,9 @@
 // Slots (each checked by a concept in concepts.hpp):
 //   Family      — norm and attention (Llama, GPT, or Family<Norm, Attention<…>, FFN>)
 //   FFN         — DenseFFN<Act> or SwitchFFN<Routing, Placement, Act> (default: the family's)
-//   Compression — compress::None for now
+//   Compression — compress::None (dense only), compress::Any (recipe at run time) or a recipe type
+//                 such as compress::Prune<compress::SparseGPT, compress::NM<2, 4>>
+//                 (compress/policies.hpp); compress::compress() packs the projections in place
 //   Prompt      — prompt::None, SoftPrompt, InjectedPrompt or MixtureOfPrompts (mopt/prompt/):
 //                 init_prompt(config) builds it; forward() lets it enter between blocks
 //                 (Prompt::Layer::enter) and drops its rows before the head (leave), so logits
