@@ -78,7 +78,10 @@ mopt::backend::cuda::AttentionShape shape_of(const AttentionCase& c) {
 template <class T>
 std::string describe(const AttentionCase& c, AttentionKernel kernel) {
     std::ostringstream os;
-    os << (std::is_same_v<T, float> ? "f32" : "bf16") << (kernel == AttentionKernel::simt ? " simt" : " tensor-core")
+    const char* path = kernel == AttentionKernel::simt          ? " simt"
+                       : kernel == AttentionKernel::tensor_core ? " tensor-core"
+                                                                : " automatic";
+    os << (std::is_same_v<T, float> ? "f32" : "bf16") << path
        << " B=" << c.batch << " T=" << c.seq_q << " S=" << c.seq_k << " H=" << c.heads << " Hkv=" << c.kv_heads
        << " Dh=" << c.head_dim << (c.causal ? " causal" : " full") << " prefix=" << c.prefix << " scale=" << c.scale;
     return os.str();

@@ -119,9 +119,9 @@ struct Params {
         return v < seq_k ? v : seq_k;
     }
     // As visible(), and no key for a row past the end.
-    __device__ int row_limit(int t) const { return t < seq_q ? visible(t) : 0; }
-    // The first query that sees key c (every later one does too): seq_q if none.
-    __device__ int first_query(int c) const {
+    __host__ __device__ int row_limit(int t) const { return t < seq_q ? visible(t) : 0; }
+    // The first query that sees key c (every later one does too).
+    __host__ __device__ int first_query(int c) const {
         if (!causal || c < prefix) return 0;
         const int t = c - (seq_k - seq_q);
         return t > 0 ? t : 0;
@@ -210,7 +210,7 @@ __device__ __forceinline__ float half_warp_sum(float x) {
 
 // grid (query tiles, H, B); smem: Q, K, V [64][Dh + 1], P [64][kPStride]
 template <int Dh, class T>
-__global__ void __launch_bounds__(kSimtThreads)
+__global__ void __launch_bounds__(kSimtThreads, 1)
     forward_simt(Params p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                  T* __restrict__ out, float* __restrict__ lse) {
     extern __shared__ float smem_f32[];
@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kSimtThreads)
 
 // grid (key tiles, Hkv, B); smem: K, V, Q, dO [64][Dh + 1], P/dS [64][kPStride], lse, delta [64]
 template <int Dh, class T>
-__global__ void __launch_bounds__(kSimtThreads)
+__global__ void __launch_bounds__(kSimtThreads, 1)
     dkdv_simt(Params p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
               const T* __restrict__ grad_out, const float* __restrict__ lse, const float* __restrict__ delta,
               T* __restrict__ dk, T* __restrict__ dv) {
@@ -371,7 +371,7 @@ __global__ void __launch_bounds__(kSimtThreads)
 
 // grid (query tiles, H, B); smem: Q, dO, K, V [64][Dh + 1], dS [64][kPStride]
 template <int Dh, class T>
-__global__ void __launch_bounds__(kSimtThreads)
+__global__ void __launch_bounds__(kSimtThreads, 1)
     dq_simt(Params p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
             const T* __restrict__ grad_out, const float* __restrict__ lse, const float* __restrict__ delta,
             T* __restrict__ dq) {
