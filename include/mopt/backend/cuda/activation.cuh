@@ -1,0 +1,162 @@
+#pragma once
+// The feed-forward activations on the GPU, forward and backward, matching
+// mopt/autodiff/ops/activation.hpp:
+//   relu(x)  = max(x, 0)                          relu'  = [x > 0]
+//   gelu(x)  = ½x(1 + tanh(k0(x + k1x³)))         gelu'  = ½(1 + t) + ½x(1 − t²)·k0(1 + 3k1x²)
+//              (Hendrycks & Gimpel, tanh form; k0 = √(2/π), k1 = 0.044715; the backward clips x to
+//              [−10, 10], where tanh is ±1 in f32, so x³ cannot overflow into 0·inf)
+//   silu(x)  = x / (1 + e^−x)                     silu'  = σ(x)(1 + x(1 − σ(x)))
+//   swiglu(g, u) = silu(g) ⊙ u (Shazeer 2020)     d_gate = dy·u·silu'(g), d_up = dy·silu(g)
+// Element-wise and memory-bound: one grid-stride pass, nothing saved (the backward recomputes σ or
+// tanh from the input). SwiGLU is fused: one kernel reads gate and up (and dy) once and writes
+// both gradients.
+//
+// x, y, dy, dx, gate, up: f32 or bf16 (math in f32). Outputs are overwritten; an output may alias
+// an input of the same index (y = x, dx = dy).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "mopt/backend/cuda/common.cuh"
+
+namespace mopt::backend::cuda {
+
+enum class Activation { relu, gelu, silu };
+
+namespace activation_detail {
+
+inline constexpr float gelu_k0 = 0.7978845608028654f;
+inline constexpr float gelu_k1 = 0.044715f;
+
+__device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+template <Activation F>
+__device__ inline float forward(float x) {
+    if constexpr (F == Activation::relu) return fmaxf(x, 0.0f);
+    else if constexpr (F == Activation::gelu) return 0.5f * x * (1.0f + tanhf(gelu_k0 * (x + gelu_k1 * x * x * x)));
+    else return x / (1.0f + expf(-x));  // −∞ gives a clean −0, never inf·0
+}
+
+// d f / dx at x.
+template <Activation F>
+__device__ inline float derivative(float x) {
+    if constexpr (F == Activation::relu) {
+        return x > 0.0f ? 1.0f : 0.0f;
+    } else if constexpr (F == Activation::gelu) {
+        const float xc = fminf(fmaxf(x, -10.0f), 10.0f);
+        const float t = tanhf(gelu_k0 * (xc + gelu_k1 * xc * xc * xc));
+        return 0.5f * (1.0f + t) + 0.5f * xc * (1.0f - t * t) * gelu_k0 * (1.0f + 3.0f * gelu_k1 * xc * xc);
+    } else {
+        const float s = sigmoid(x);
+        return s * (1.0f + x * (1.0f - s));
+    }
+}
+
+#define MOPT_CUDA_GRID_STRIDE(i, n)                                                                        \
+    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < (n); \
+         i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+
+template <Activation F, class T>
+__global__ void forward_kernel(const T* x, T* y, std::int64_t n) {
+    MOPT_CUDA_GRID_STRIDE(i, n) y[i] = from_f32<T>(forward<F>(to_f32(x[i])));
+}
+
+template <Activation F, class T>
+__global__ void backward_kernel(const T* x, const T* dy, T* dx, std::int64_t n) {
+    // relu' is 0 or 1: select dy rather than multiply, so a NaN/inf dy at x <= 0 gives 0 as on the CPU.
+    MOPT_CUDA_GRID_STRIDE(i, n) {
+        const float xi = to_f32(x[i]), g = to_f32(dy[i]);
+        dx[i] = from_f32<T>(F == Activation::relu ? (xi > 0.0f ? g : 0.0f) : g * derivative<F>(xi));
+    }
+}
+
+template <class T>
+__global__ void swiglu_forward_kernel(const T* gate, const T* up, T* y, std::int64_t n) {
+    MOPT_CUDA_GRID_STRIDE(i, n) {
+        const float g = to_f32(gate[i]);
+        y[i] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up[i]));
+    }
+}
+
+template <class T>
+__global__ void swiglu_backward_kernel(const T* gate, const T* up, const T* dy, T* d_gate, T* d_up, std::int64_t n) {
+    MOPT_CUDA_GRID_STRIDE(i, n) {
+        const float g = to_f32(gate[i]), u = to_f32(up[i]), d = to_f32(dy[i]);
+        const float s = sigmoid(g);
+        // Read everything before writing: d_gate or d_up may alias gate, up or dy.
+        if (d_gate) d_gate[i] = from_f32<T>(d * u * s * (1.0f + g * (1.0f - s)));
+        if (d_up) d_up[i] = from_f32<T>(d * g * s);
+    }
+}
+
+#undef MOPT_CUDA_GRID_STRIDE
+
+inline const char* op_name(Activation f, bool backward) {
+    switch (f) {
+        case Activation::relu: return backward ? "relu_backward" : "relu_forward";
+        case Activation::gelu: return backward ? "gelu_backward" : "gelu_forward";
+        case Activation::silu: return backward ? "silu_backward" : "silu_forward";
+    }
+    return "activation";
+}
+
+inline void check_elementwise(const char* op, std::int64_t n, bool pointers_ok) {
+    check(n >= 0, "cuda::", op, ": negative element count ", n);
+    check(n == 0 || pointers_ok, "cuda::", op, ": null pointer for [", n, "] elements");
+}
+
+}  // namespace activation_detail
+
+// x: [n] -> y: [n]
+template <DeviceFloat T>
+void activation_forward(Activation f, const T* x, T* y, std::int64_t n, cudaStream_t stream = nullptr) {
+    using namespace activation_detail;
+    const char* op = op_name(f, false);
+    check_elementwise(op, n, x && y);
+    if (n == 0) return;
+    const int blocks = elementwise_blocks(n);
+    switch (f) {
+        case Activation::relu: forward_kernel<Activation::relu><<<blocks, elementwise_threads, 0, stream>>>(x, y, n); break;
+        case Activation::gelu: forward_kernel<Activation::gelu><<<blocks, elementwise_threads, 0, stream>>>(x, y, n); break;
+        case Activation::silu: forward_kernel<Activation::silu><<<blocks, elementwise_threads, 0, stream>>>(x, y, n); break;
+    }
+    check_launch(op, "[", n, "]");
+}
+
+// x, dy: [n] -> dx: [n]
+template <DeviceFloat T>
+void activation_backward(Activation f, const T* x, const T* dy, T* dx, std::int64_t n, cudaStream_t stream = nullptr) {
+    using namespace activation_detail;
+    const char* op = op_name(f, true);
+    check_elementwise(op, n, x && dy && dx);
+    if (n == 0) return;
+    const int blocks = elementwise_blocks(n);
+    switch (f) {
+        case Activation::relu: backward_kernel<Activation::relu><<<blocks, elementwise_threads, 0, stream>>>(x, dy, dx, n); break;
+        case Activation::gelu: backward_kernel<Activation::gelu><<<blocks, elementwise_threads, 0, stream>>>(x, dy, dx, n); break;
+        case Activation::silu: backward_kernel<Activation::silu><<<blocks, elementwise_threads, 0, stream>>>(x, dy, dx, n); break;
+    }
+    check_launch(op, "[", n, "]");
+}
+
+// gate, up: [n] -> y: [n]
+template <DeviceFloat T>
+void swiglu_forward(const T* gate, const T* up, T* y, std::int64_t n, cudaStream_t stream = nullptr) {
+    activation_detail::check_elementwise("swiglu_forward", n, gate && up && y);
+    if (n == 0) return;
+    activation_detail::swiglu_forward_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(gate, up, y, n);
+    check_launch("swiglu_forward", "[", n, "]");
+}
+
+// gate, up, dy: [n] -> d_gate: [n], d_up: [n] (either may be nullptr when not wanted)
+template <DeviceFloat T>
+void swiglu_backward(const T* gate, const T* up, const T* dy, T* d_gate, T* d_up, std::int64_t n,
+                     cudaStream_t stream = nullptr) {
+    activation_detail::check_elementwise("swiglu_backward", n, gate && up && dy);
+    if (n == 0 || (!d_gate && !d_up)) return;
+    activation_detail::swiglu_backward_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(
+        gate, up, dy, d_gate, d_up, n);
+    check_launch("swiglu_backward", "[", n, "]");
+}
+
+}  // namespace mopt::backend::cuda
