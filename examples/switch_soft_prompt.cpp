@@ -298,7 +298,6 @@ int run(const Options& o, const compress::Recipe& recipe, Model& plain) {
         pc.seed = o.seed;
         const std::string cname = experiment::short_name(recipe);
         std::vector<Run> runs;
-        nlohmann::json best_val = nlohmann::json::array();
         for (int which = 0; which < 2; ++which) {
             Model& model = which == 0 ? plain : compressed;
             for (const bool aux : {false, true}) {
