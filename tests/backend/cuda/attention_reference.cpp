@@ -30,7 +30,8 @@ std::vector<float> logsumexp_rows(const AttentionCase& c, const std::vector<floa
                     if (c.causal && j > pos && j >= c.prefix) continue;
                     double s = 0;
                     for (std::int64_t i = 0; i < D; ++i)
-                        s += static_cast<double>(q[((b * T + t) * H + h) * D + i]) * k[((b * S + j) * Hkv + kh) * D + i];
+                        s += static_cast<double>(q[((b * T + t) * H + h) * D + i]) *
+                             k[((b * S + j) * Hkv + kh) * D + i];
                     w[j] = s * scale;
                     mx = std::max(mx, w[j]);
                 }

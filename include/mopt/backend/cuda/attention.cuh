@@ -842,7 +842,8 @@ __global__ void __launch_bounds__(kMmaThreads)
         bf16* row = dq + q_off + r * q_stride + 2 * t;
 #pragma unroll
         for (int n = 0; n < Dh / 8; ++n)
-            *reinterpret_cast<std::uint32_t*>(row + n * 8) = pack_bf16(acc[n][2 * i] * p.scale, acc[n][2 * i + 1] * p.scale);
+            *reinterpret_cast<std::uint32_t*>(row + n * 8) =
+                pack_bf16(acc[n][2 * i] * p.scale, acc[n][2 * i + 1] * p.scale);
     }
 }
 
@@ -904,14 +905,20 @@ void with_head_dim(std::int64_t head_dim, F&& f) {
     }
 }
 
+// Launches `kernel` with `smem` bytes of dynamic shared memory; a failure names the kernel and the shape.
 template <class... KernelArgs, class... Args>
 void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, std::size_t smem, cudaStream_t stream,
-            const char* name, Args... args) {
+            const char* name, const AttentionShape& shape, Args... args) {
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               name);
+    auto fail_if = [&](cudaError_t status, const char* step) {
+        if (status != cudaSuccess)
+            check(false, "cuda::attention ", name, ": ", step, " failed (", smem, " bytes of shared memory): ",
+                  cudaGetErrorString(status), "; ", describe(shape));
+    };
+    fail_if(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+            "cudaFuncSetAttribute");
     kernel<<<grid, threads, smem, stream>>>(args...);
-    check_cuda(cudaGetLastError(), name);
+    fail_if(cudaGetLastError(), "launch");
 }
 
 inline unsigned tiles(std::int64_t n) { return static_cast<unsigned>((n + kTile - 1) / kTile); }
@@ -939,12 +946,12 @@ void attention_forward(const AttentionForwardArgs<T>& a, const AttentionShape& s
         if constexpr (std::is_same_v<T, ad::bf16>) {
             if (tc) {
                 ad::launch(ad::forward_mma<Dh>, grid, ad::kMmaThreads, 3 * ad::mma_tile_bytes(Dh), stream,
-                           "attention forward_mma", p, a.q, a.k, a.v, a.out, a.lse);
+                           "forward_mma", s, p, a.q, a.k, a.v, a.out, a.lse);
                 return;
             }
         }
         ad::launch(ad::forward_simt<Dh, T>, grid, ad::kSimtThreads, 3 * ad::simt_tile_bytes(Dh) + ad::kSimtPBytes,
-                   stream, "attention forward_simt", p, a.q, a.k, a.v, a.out, a.lse);
+                   stream, "forward_simt", s, p, a.q, a.k, a.v, a.out, a.lse);
     });
 }
 
@@ -969,16 +976,16 @@ void attention_backward(const AttentionBackwardArgs<T>& a, const AttentionShape&
                                             a.dk ? a.dk : a.k, a.dv ? a.dv : a.v);
     ad::with_head_dim(s.head_dim, [&](auto dh) {
         constexpr int Dh = decltype(dh)::value;
-        ad::launch(ad::row_delta<Dh, T>, delta_grid, 256, 0, stream, "attention row_delta", p, a.out, a.grad_out,
+        ad::launch(ad::row_delta<Dh, T>, delta_grid, 256, 0, stream, "row_delta", s, p, a.out, a.grad_out,
                    a.delta);
         if constexpr (std::is_same_v<T, ad::bf16>) {
             if (tc) {
                 const std::size_t tile = ad::mma_tile_bytes(Dh);
                 if (a.dk || a.dv)
                     ad::launch(ad::dkdv_mma<Dh>, kv_grid, ad::kMmaThreads, 4 * tile + 2 * ad::kTile * sizeof(float),
-                               stream, "attention dkdv_mma", p, a.q, a.k, a.v, a.grad_out, a.lse, a.delta, a.dk, a.dv);
+                               stream, "dkdv_mma", s, p, a.q, a.k, a.v, a.grad_out, a.lse, a.delta, a.dk, a.dv);
                 if (a.dq)
-                    ad::launch(ad::dq_mma<Dh>, q_grid, ad::kMmaThreads, 4 * tile, stream, "attention dq_mma", p, a.q,
+                    ad::launch(ad::dq_mma<Dh>, q_grid, ad::kMmaThreads, 4 * tile, stream, "dq_mma", s, p, a.q,
                                a.k, a.v, a.grad_out, a.lse, a.delta, a.dq);
                 return;
             }
@@ -986,11 +993,11 @@ void attention_backward(const AttentionBackwardArgs<T>& a, const AttentionShape&
         const std::size_t tile = ad::simt_tile_bytes(Dh);
         if (a.dk || a.dv)
             ad::launch(ad::dkdv_simt<Dh, T>, kv_grid, ad::kSimtThreads,
-                       4 * tile + ad::kSimtPBytes + 2 * ad::kTile * sizeof(float), stream, "attention dkdv_simt", p,
+                       4 * tile + ad::kSimtPBytes + 2 * ad::kTile * sizeof(float), stream, "dkdv_simt", s, p,
                        a.q, a.k, a.v, a.grad_out, a.lse, a.delta, a.dk, a.dv);
         if (a.dq)
             ad::launch(ad::dq_simt<Dh, T>, q_grid, ad::kSimtThreads, 4 * tile + ad::kSimtPBytes, stream,
-                       "attention dq_simt", p, a.q, a.k, a.v, a.grad_out, a.lse, a.delta, a.dq);
+                       "dq_simt", s, p, a.q, a.k, a.v, a.grad_out, a.lse, a.delta, a.dq);
     });
 }
 
