@@ -49,8 +49,8 @@ Floats gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int
 
 NormForward rms_norm_forward(const Floats& x, const Floats& weight, std::int64_t rows, std::int64_t d, float eps) {
     Tape tape;
-    const Var y = autodiff::rms_norm(tape.input(tensor({rows, d}, x), false), tape.input(tensor({d}, weight), false),
-                                     eps);
+    const Var y =
+        autodiff::rms_norm(tape.input(tensor({rows, d}, x), false), tape.input(tensor({d}, weight), false), eps);
     return {.y = values(y.value()), .mean = {}, .rstd = values(tape.node(y).saved[0])};
 }
 

@@ -134,8 +134,8 @@ MOPT_CUDA_TEST(allocator_reuses_freed_blocks_without_cuda_malloc) {
             const std::size_t rounded = cuda::Allocator::round_size(4000) + cuda::Allocator::round_size(4 * 12345) +
                                         cuda::Allocator::round_size(std::size_t{3} << 20) +
                                         cuda::Allocator::round_size(2 * 777);
-            CUDA_CHECK(live.bytes_in_use >= start.bytes_in_use + rounded, live.bytes_in_use, " bytes in use, expected >= ",
-                       start.bytes_in_use + rounded);
+            CUDA_CHECK(live.bytes_in_use >= start.bytes_in_use + rounded, live.bytes_in_use,
+                       " bytes in use, expected >= ", start.bytes_in_use + rounded);
             CUDA_CHECK(live.peak_bytes >= live.bytes_in_use, "peak ", live.peak_bytes, " < in use ", live.bytes_in_use);
         }
         const cuda::AllocatorStats after = alloc.stats();
@@ -203,9 +203,9 @@ void check_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k
     const cuda::GemmArgs args{.trans_a = ta, .trans_b = tb, .m = m, .n = n, .k = k, .alpha = alpha, .beta = beta,
                               .a = da.data(), .lda = lda, .b = db.data(), .ldb = ldb, .c = dc.data(), .ldc = ldc,
                               .ab_type = element_dtype<AB>(), .c_type = element_dtype<C>(), .compute = compute};
+    const cuda::GemmBatch strides{.count = batch, .stride_a = stride_a, .stride_b = stride_b, .stride_c = stride_c};
     if (batch == 1) cuda::gemm(args);
-    else
-        cuda::gemm_strided_batched(args, {.count = batch, .stride_a = stride_a, .stride_b = stride_b, .stride_c = stride_c});
+    else cuda::gemm_strided_batched(args, strides);
     sync("gemm");
     EXPECT_CLOSE(to_host(dc), want, tol, std::string("gemm ") + type_name<AB>() + "->" + type_name<C>() +
                                                  (ta ? " A^T" : " A") + (tb ? " B^T" : " B") + " batch " +
@@ -216,7 +216,8 @@ void check_gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k
 
 MOPT_CUDA_TEST(gemm_f32_matches_cpu_for_every_transpose) {
     for (bool ta : {false, true})
-        for (bool tb : {false, true}) check_gemm<float, float>(ta, tb, 37, 53, 29, 0.7f, 0.3f, cuda::GemmCompute::f32, 1e-4);
+        for (bool tb : {false, true})
+            check_gemm<float, float>(ta, tb, 37, 53, 29, 0.7f, 0.3f, cuda::GemmCompute::f32, 1e-4);
 }
 
 MOPT_CUDA_TEST(gemm_tf32_matches_cpu_within_tf32_rounding) {
@@ -533,7 +534,8 @@ void check_cross_entropy(std::int64_t rows, std::int64_t vocab, const std::vecto
     for (std::int64_t r = 0; r < rows; ++r)
         if (targets[r] == ignore)
             for (std::int64_t j = 0; j < vocab; ++j)
-                CUDA_CHECK(grad[r * vocab + j] == 0.0f, what, ": ignored row ", r, " has gradient ", grad[r * vocab + j]);
+                CUDA_CHECK(grad[r * vocab + j] == 0.0f, what, ": ignored row ", r, " has gradient ",
+                           grad[r * vocab + j]);
 }
 
 }  // namespace

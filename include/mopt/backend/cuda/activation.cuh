@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "mopt/backend/cuda/common.cuh"
 
@@ -100,6 +101,17 @@ inline const char* op_name(Activation f, bool backward) {
     return "activation";
 }
 
+// Calls fn with std::integral_constant<Activation, f>: the run-time choice picks a kernel compiled
+// for that activation.
+template <class Fn>
+void dispatch(Activation f, Fn&& fn) {
+    switch (f) {
+        case Activation::relu: return fn(std::integral_constant<Activation, Activation::relu>{});
+        case Activation::gelu: return fn(std::integral_constant<Activation, Activation::gelu>{});
+        case Activation::silu: return fn(std::integral_constant<Activation, Activation::silu>{});
+    }
+}
+
 inline void check_elementwise(const char* op, std::int64_t n, bool pointers_ok) {
     check(n >= 0, "cuda::", op, ": negative element count ", n);
     check(n == 0 || pointers_ok, "cuda::", op, ": null pointer for [", n, "] elements");
@@ -115,11 +127,9 @@ void activation_forward(Activation f, const T* x, T* y, std::int64_t n, cudaStre
     check_elementwise(op, n, x && y);
     if (n == 0) return;
     const int blocks = elementwise_blocks(n);
-    switch (f) {
-        case Activation::relu: forward_kernel<Activation::relu><<<blocks, elementwise_threads, 0, stream>>>(x, y, n); break;
-        case Activation::gelu: forward_kernel<Activation::gelu><<<blocks, elementwise_threads, 0, stream>>>(x, y, n); break;
-        case Activation::silu: forward_kernel<Activation::silu><<<blocks, elementwise_threads, 0, stream>>>(x, y, n); break;
-    }
+    dispatch(f, [&](auto kind) {
+        forward_kernel<decltype(kind)::value><<<blocks, elementwise_threads, 0, stream>>>(x, y, n);
+    });
     check_launch(op, "[", n, "]");
 }
 
@@ -131,11 +141,9 @@ void activation_backward(Activation f, const T* x, const T* dy, T* dx, std::int6
     check_elementwise(op, n, x && dy && dx);
     if (n == 0) return;
     const int blocks = elementwise_blocks(n);
-    switch (f) {
-        case Activation::relu: backward_kernel<Activation::relu><<<blocks, elementwise_threads, 0, stream>>>(x, dy, dx, n); break;
-        case Activation::gelu: backward_kernel<Activation::gelu><<<blocks, elementwise_threads, 0, stream>>>(x, dy, dx, n); break;
-        case Activation::silu: backward_kernel<Activation::silu><<<blocks, elementwise_threads, 0, stream>>>(x, dy, dx, n); break;
-    }
+    dispatch(f, [&](auto kind) {
+        backward_kernel<decltype(kind)::value><<<blocks, elementwise_threads, 0, stream>>>(x, dy, dx, n);
+    });
     check_launch(op, "[", n, "]");
 }
 

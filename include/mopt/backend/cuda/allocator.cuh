@@ -81,8 +81,8 @@ public:
         if (status != cudaSuccess) {
             (void)cudaGetLastError();
             check(false, "cuda::Allocator: cudaMalloc of ", rounded, " bytes (", bytes, " requested) on device ",
-                  device, " failed: ", cudaGetErrorString(status), "; ", stats_.bytes_in_use,
-                  " bytes in use, peak ", stats_.peak_bytes);
+                  device, " failed: ", cudaGetErrorString(status), "; ", stats_.bytes_in_use, " bytes in use, peak ",
+                  stats_.peak_bytes);
         }
         ++stats_.cuda_malloc_calls;
         return take(ptr, want);
@@ -98,7 +98,7 @@ public:
         live_.erase(it);
         stats_.bytes_in_use -= key.size;
         stats_.bytes_cached += key.size;
-        free_.emplace(key, ptr);
+        free_.emplace_hint(free_.lower_bound(key), key, ptr);  // first among equal sizes: LIFO, still warm in L2
     }
 
     // cudaFree every cached free block of every device (live blocks are untouched).
@@ -204,7 +204,8 @@ public:
                        "cudaMemcpy (DeviceArray::download)");
     }
     void zero(cudaStream_t stream = nullptr) {
-        if (count_) check_cuda(cudaMemsetAsync(data(), 0, count_ * sizeof(T), stream), "cudaMemsetAsync (DeviceArray::zero)");
+        if (count_)
+            check_cuda(cudaMemsetAsync(data(), 0, count_ * sizeof(T), stream), "cudaMemsetAsync (DeviceArray::zero)");
     }
 
     [[nodiscard]] T* data() const { return static_cast<T*>(block_.get()); }

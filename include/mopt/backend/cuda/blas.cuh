@@ -88,19 +88,18 @@ inline void check_args(const GemmArgs& g, const GemmBatch& batch) {
           " exceeds cuBLAS's 32-bit extents");
     // Row-major storage: A is [m, k] ([k, m] when transposed), B is [k, n] ([n, k]), C is [m, n].
     const std::int64_t a_cols = g.trans_a ? g.m : g.k, b_cols = g.trans_b ? g.k : g.n;
-    check(g.lda >= std::max<std::int64_t>(a_cols, 1) && g.lda <= INT_MAX, "cuda::gemm: lda ", g.lda,
-          " is not in [", std::max<std::int64_t>(a_cols, 1), ", 2^31) for row-major A of shape ",
+    check(g.lda >= std::max<std::int64_t>(a_cols, 1) && g.lda <= INT_MAX, "cuda::gemm: lda ", g.lda, " is not in [",
+          std::max<std::int64_t>(a_cols, 1), ", 2^31) for row-major A of shape ",
           g.trans_a ? "[k, m] = [" : "[m, k] = [", g.trans_a ? g.k : g.m, ", ", a_cols, "]");
-    check(g.ldb >= std::max<std::int64_t>(b_cols, 1) && g.ldb <= INT_MAX, "cuda::gemm: ldb ", g.ldb,
-          " is not in [", std::max<std::int64_t>(b_cols, 1), ", 2^31) for row-major B of shape ",
+    check(g.ldb >= std::max<std::int64_t>(b_cols, 1) && g.ldb <= INT_MAX, "cuda::gemm: ldb ", g.ldb, " is not in [",
+          std::max<std::int64_t>(b_cols, 1), ", 2^31) for row-major B of shape ",
           g.trans_b ? "[n, k] = [" : "[k, n] = [", g.trans_b ? g.n : g.k, ", ", b_cols, "]");
-    check(g.ldc >= std::max<std::int64_t>(g.n, 1) && g.ldc <= INT_MAX, "cuda::gemm: ldc ", g.ldc,
-          " is not in [", std::max<std::int64_t>(g.n, 1), ", 2^31) for row-major C of shape [", g.m, ", ", g.n, "]");
-    check(batch.count >= 0 && batch.count <= INT_MAX, "cuda::gemm: batch count ", batch.count,
-          " is not in [0, 2^31)");
+    check(g.ldc >= std::max<std::int64_t>(g.n, 1) && g.ldc <= INT_MAX, "cuda::gemm: ldc ", g.ldc, " is not in [",
+          std::max<std::int64_t>(g.n, 1), ", 2^31) for row-major C of shape [", g.m, ", ", g.n, "]");
+    check(batch.count >= 0 && batch.count <= INT_MAX, "cuda::gemm: batch count ", batch.count, " is not in [0, 2^31)");
     const bool empty = g.m == 0 || g.n == 0 || batch.count == 0;
-    check(empty || (g.c && (g.k == 0 || (g.a && g.b))), "cuda::gemm: null A, B or C pointer for [m=", g.m,
-          ", n=", g.n, ", k=", g.k, "]");
+    check(empty || (g.c && (g.k == 0 || (g.a && g.b))), "cuda::gemm: null A, B or C pointer for [m=", g.m, ", n=", g.n,
+          ", k=", g.k, "]");
 }
 
 // k == 0: op(A) op(B) is the zero matrix and C = beta * C (beta == 0 writes zeros, even over NaN).
@@ -119,11 +118,11 @@ __global__ void scale_matrix_kernel(T* c, std::int64_t m, std::int64_t n, std::i
 inline void scale_c(const GemmArgs& g, const GemmBatch& batch) {
     const int blocks = elementwise_blocks(g.m * g.n * batch.count);
     if (g.c_type == DType::bf16)
-        scale_matrix_kernel<<<blocks, elementwise_threads, 0, g.stream>>>(
-            static_cast<__nv_bfloat16*>(g.c), g.m, g.n, g.ldc, batch.stride_c, batch.count, g.beta);
+        scale_matrix_kernel<<<blocks, elementwise_threads, 0, g.stream>>>(static_cast<__nv_bfloat16*>(g.c), g.m, g.n,
+                                                                          g.ldc, batch.stride_c, batch.count, g.beta);
     else
         scale_matrix_kernel<<<blocks, elementwise_threads, 0, g.stream>>>(static_cast<float*>(g.c), g.m, g.n, g.ldc,
-                                                                           batch.stride_c, batch.count, g.beta);
+                                                                          batch.stride_c, batch.count, g.beta);
     check_launch("gemm (k = 0, C = beta * C)", "[m=", g.m, ", n=", g.n, "]");
 }
 
@@ -147,17 +146,16 @@ inline void gemm_strided_batched(const GemmArgs& g, const GemmBatch& batch) {
     // Column-major view: C^T [n, m] = op(B)^T [n, k] * op(A)^T [k, m].
     if (batch.count == 1) {
         check_cublas(cublasGemmEx(h, op_b, op_a, static_cast<int>(g.n), static_cast<int>(g.m), static_cast<int>(g.k),
-                                  &g.alpha, g.b, ab, static_cast<int>(g.ldb), g.a, ab, static_cast<int>(g.lda),
-                                  &g.beta, g.c, c, static_cast<int>(g.ldc), blas_detail::compute_type(g),
-                                  CUBLAS_GEMM_DEFAULT),
+                                  &g.alpha, g.b, ab, static_cast<int>(g.ldb), g.a, ab, static_cast<int>(g.lda), &g.beta,
+                                  g.c, c, static_cast<int>(g.ldc), blas_detail::compute_type(g), CUBLAS_GEMM_DEFAULT),
                      "cublasGemmEx (cuda::gemm)");
         return;
     }
     check_cublas(cublasGemmStridedBatchedEx(
-                     h, op_b, op_a, static_cast<int>(g.n), static_cast<int>(g.m), static_cast<int>(g.k), &g.alpha,
-                     g.b, ab, static_cast<int>(g.ldb), batch.stride_b, g.a, ab, static_cast<int>(g.lda),
-                     batch.stride_a, &g.beta, g.c, c, static_cast<int>(g.ldc), batch.stride_c,
-                     static_cast<int>(batch.count), blas_detail::compute_type(g), CUBLAS_GEMM_DEFAULT),
+                     h, op_b, op_a, static_cast<int>(g.n), static_cast<int>(g.m), static_cast<int>(g.k), &g.alpha, g.b,
+                     ab, static_cast<int>(g.ldb), batch.stride_b, g.a, ab, static_cast<int>(g.lda), batch.stride_a,
+                     &g.beta, g.c, c, static_cast<int>(g.ldc), batch.stride_c, static_cast<int>(batch.count),
+                     blas_detail::compute_type(g), CUBLAS_GEMM_DEFAULT),
                  "cublasGemmStridedBatchedEx (cuda::gemm_strided_batched)");
 }
 

@@ -76,10 +76,7 @@ __device__ inline V block_sum(V v) {
     return static_cast<int>(std::clamp<std::int64_t>(warps * 32, 32, max_threads));
 }
 
-// Blocks for a grid-stride element-wise kernel of 256 threads: enough to fill every SM several
-// times over, never more than the elements need.
-inline constexpr int elementwise_threads = 256;
-
+// Streaming multiprocessors of the current device.
 [[nodiscard]] inline int sm_count() {
     int device = 0, sms = 0;
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
@@ -88,6 +85,9 @@ inline constexpr int elementwise_threads = 256;
     return sms;
 }
 
+// Blocks for a grid-stride element-wise kernel of 256 threads: enough to fill every SM several
+// times over, never more than the elements need.
+inline constexpr int elementwise_threads = 256;
 [[nodiscard]] inline int elementwise_blocks(std::int64_t n) {
     const std::int64_t needed = std::max<std::int64_t>(ceil_div(n, elementwise_threads), 1);
     return static_cast<int>(std::min<std::int64_t>(needed, static_cast<std::int64_t>(sm_count()) * 16));
@@ -104,8 +104,8 @@ void check_launch(const char* op, const Parts&... shape) {
 
 // Rows go to gridDim.x and a row's columns are indexed by int inside the kernels.
 inline void check_row_extents(const char* op, std::int64_t rows, std::int64_t cols) {
-    check(rows >= 0 && cols > 0, "cuda::", op, ": rows must be >= 0 and the row length > 0, got [", rows, ", ",
-          cols, "]");
+    check(rows >= 0 && cols > 0, "cuda::", op, ": rows must be >= 0 and the row length > 0, got [", rows, ", ", cols,
+          "]");
     check(rows <= INT_MAX && cols <= INT_MAX, "cuda::", op, ": shape [", rows, ", ", cols,
           "] exceeds the 2^31 - 1 rows / columns a launch indexes");
 }

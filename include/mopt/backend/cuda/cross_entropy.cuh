@@ -77,8 +77,8 @@ __device__ inline MaxSum block_merge(MaxSum v) {
 
 // count[0] = number of targets that are not ignore_index. One block of Threads.
 template <int Threads>
-__global__ void __launch_bounds__(Threads) count_targets_kernel(const std::int32_t* targets, int rows,
-                                                                std::int32_t ignore_index, int* count) {
+__global__ void __launch_bounds__(Threads)
+    count_targets_kernel(const std::int32_t* targets, int rows, std::int32_t ignore_index, int* count) {
     int c = 0;
     for (int r = threadIdx.x; r < rows; r += Threads) c += targets[r] != ignore_index ? 1 : 0;
     c = block_sum(c);
@@ -86,8 +86,9 @@ __global__ void __launch_bounds__(Threads) count_targets_kernel(const std::int32
 }
 
 template <class T>
-__global__ void __launch_bounds__(1024) cross_entropy_rows_kernel(T* logits, const std::int32_t* targets, float* row_loss, const int* count,
-                                          int vocab, std::int32_t ignore_index, bool write_dlogits, float dloss) {
+__global__ void __launch_bounds__(1024)
+    cross_entropy_rows_kernel(T* logits, const std::int32_t* targets, float* row_loss, const int* count, int vocab,
+                              std::int32_t ignore_index, bool write_dlogits, float dloss) {
     T* x = logits + static_cast<std::int64_t>(blockIdx.x) * vocab;
     const std::int32_t t = targets[blockIdx.x];
     // The branches below are uniform over the block (one target per row), so returning early
@@ -131,8 +132,8 @@ __global__ void __launch_bounds__(1024) cross_entropy_rows_kernel(T* logits, con
 
 // loss[0] = Σ row_loss / count (NaN when count is 0). One block of Threads.
 template <int Threads>
-__global__ void __launch_bounds__(Threads) mean_loss_kernel(const float* row_loss, int rows, const int* count,
-                                                            float* loss) {
+__global__ void __launch_bounds__(Threads)
+    mean_loss_kernel(const float* row_loss, int rows, const int* count, float* loss) {
     double s = 0.0;
     for (int r = threadIdx.x; r < rows; r += Threads) s += row_loss[r];
     s = block_sum(s);
@@ -148,7 +149,8 @@ void cross_entropy(T* logits, const std::int32_t* targets, float* loss, std::int
                    const CrossEntropyOptions& opt = {}) {
     using namespace cross_entropy_detail;
     check_row_extents("cross_entropy", rows, vocab);
-    check(rows > 0, "cuda::cross_entropy: no rows (logits [0, ", vocab, "]); the mean loss over no targets is undefined");
+    check(rows > 0, "cuda::cross_entropy: no rows (logits [0, ", vocab,
+          "]); the mean loss over no targets is undefined");
     check(logits && targets && loss, "cuda::cross_entropy: null logits, targets or loss pointer for logits [", rows,
           ", ", vocab, "]");
     DeviceArray<int> count(1, opt.stream);

@@ -30,7 +30,8 @@ namespace mopt::backend::cuda {
 namespace norm_detail {
 
 template <class T>
-__global__ void __launch_bounds__(1024) rms_norm_forward_kernel(const T* x, const float* weight, T* y, float* rstd, int d, float eps) {
+__global__ void __launch_bounds__(1024)
+    rms_norm_forward_kernel(const T* x, const float* weight, T* y, float* rstd, int d, float eps) {
     const std::int64_t offset = static_cast<std::int64_t>(blockIdx.x) * d;
     float ss = 0.0f;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
@@ -38,13 +39,14 @@ __global__ void __launch_bounds__(1024) rms_norm_forward_kernel(const T* x, cons
         ss += v * v;
     }
     const float rs = 1.0f / sqrtf(block_sum(ss) / static_cast<float>(d) + eps);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) y[offset + j] = from_f32<T>(to_f32(x[offset + j]) * rs * weight[j]);
+    for (int j = threadIdx.x; j < d; j += blockDim.x)
+        y[offset + j] = from_f32<T>(to_f32(x[offset + j]) * rs * weight[j]);
     if (rstd && threadIdx.x == 0) rstd[blockIdx.x] = rs;
 }
 
 template <class T>
-__global__ void __launch_bounds__(1024) layer_norm_forward_kernel(const T* x, const float* weight, const float* bias, T* y, float* mean,
-                                          float* rstd, int d, float eps) {
+__global__ void __launch_bounds__(1024) layer_norm_forward_kernel(const T* x, const float* weight, const float* bias,
+                                                                  T* y, float* mean, float* rstd, int d, float eps) {
     const std::int64_t offset = static_cast<std::int64_t>(blockIdx.x) * d;
     // Two passes (mean, then centred squares), as the CPU op: E[x²] − E[x]² cancels when |μ| ≫ σ.
     float s = 0.0f;
@@ -69,9 +71,9 @@ __global__ void __launch_bounds__(1024) layer_norm_forward_kernel(const T* x, co
 // Block b handles rows [b·rows_per_block, (b+1)·rows_per_block). partial_w / partial_b: [blocks, d]
 // or null when that gradient is not wanted; dx null when the input gradient is not wanted.
 template <class T, bool Centred>
-__global__ void __launch_bounds__(512) norm_backward_kernel(const T* x, const float* weight, const float* mean, const float* rstd,
-                                     const T* dy, T* dx, float* partial_w, float* partial_b, int rows, int d,
-                                     int rows_per_block) {
+__global__ void __launch_bounds__(512)
+    norm_backward_kernel(const T* x, const float* weight, const float* mean, const float* rstd, const T* dy, T* dx,
+                         float* partial_w, float* partial_b, int rows, int d, int rows_per_block) {
     extern __shared__ float norm_column_sums[];  // [d] weight sums, then [d] bias sums
     float* sum_w = partial_w ? norm_column_sums : nullptr;
     float* sum_b = partial_b ? norm_column_sums + (partial_w ? d : 0) : nullptr;
@@ -131,8 +133,8 @@ template <class T, bool Centred>
 void norm_backward(const char* op, const T* x, const float* weight, const float* mean, const float* rstd, const T* dy,
                    T* dx, float* dweight, float* dbias, std::int64_t rows, std::int64_t d, cudaStream_t stream) {
     check_norm(op, x, weight, dy, rows, d);
-    check(rows == 0 || (rstd && (!Centred || mean)), "cuda::", op, ": the saved per-row statistics of [", rows,
-          ", ", d, "] are null");
+    check(rows == 0 || (rstd && (!Centred || mean)), "cuda::", op, ": the saved per-row statistics of [", rows, ", ", d,
+          "] are null");
     if (rows == 0) {  // no rows: zero parameter gradients
         if (dweight) check_cuda(cudaMemsetAsync(dweight, 0, d * sizeof(float), stream), "cudaMemsetAsync (dweight)");
         if (dbias) check_cuda(cudaMemsetAsync(dbias, 0, d * sizeof(float), stream), "cudaMemsetAsync (dbias)");
@@ -160,12 +162,16 @@ void norm_backward(const char* op, const T* x, const float* weight, const float*
     DeviceArray<float> partial_w(dweight ? static_cast<std::size_t>(blocks * d) : 0, stream);
     DeviceArray<float> partial_b(dbias ? static_cast<std::size_t>(blocks * d) : 0, stream);
     kernel<<<static_cast<unsigned>(blocks), row_threads(d, 512), smem, stream>>>(
-        x, weight, mean, rstd, dy, dx, partial_w.data(), partial_b.data(), static_cast<int>(rows),
-        static_cast<int>(d), static_cast<int>(rows_per_block));
+        x, weight, mean, rstd, dy, dx, partial_w.data(), partial_b.data(), static_cast<int>(rows), static_cast<int>(d),
+        static_cast<int>(rows_per_block));
     check_launch(op, "backward [", rows, ", ", d, "]");
     const unsigned col_blocks = static_cast<unsigned>(ceil_div(d, 256));
-    if (dweight) sum_partials_kernel<<<col_blocks, 256, 0, stream>>>(partial_w.data(), dweight, static_cast<int>(blocks), static_cast<int>(d));
-    if (dbias) sum_partials_kernel<<<col_blocks, 256, 0, stream>>>(partial_b.data(), dbias, static_cast<int>(blocks), static_cast<int>(d));
+    if (dweight)
+        sum_partials_kernel<<<col_blocks, 256, 0, stream>>>(partial_w.data(), dweight, static_cast<int>(blocks),
+                                                            static_cast<int>(d));
+    if (dbias)
+        sum_partials_kernel<<<col_blocks, 256, 0, stream>>>(partial_b.data(), dbias, static_cast<int>(blocks),
+                                                            static_cast<int>(d));
     check_launch(op, "parameter-gradient sum [", blocks, ", ", d, "]");
 }
 
@@ -178,8 +184,8 @@ void rms_norm_forward(const T* x, const float* weight, T* y, float* rstd, std::i
     norm_detail::check_norm("rms_norm_forward", x, weight, y, rows, d);
     check(eps >= 0.0f, "cuda::rms_norm_forward: eps must be non-negative, got ", eps);
     if (rows == 0) return;
-    norm_detail::rms_norm_forward_kernel<<<static_cast<unsigned>(rows), row_threads(d), 0, stream>>>(x, weight, y, rstd,
-                                                                                            static_cast<int>(d), eps);
+    norm_detail::rms_norm_forward_kernel<<<static_cast<unsigned>(rows), row_threads(d), 0, stream>>>(
+        x, weight, y, rstd, static_cast<int>(d), eps);
     check_launch("rms_norm_forward", "[", rows, ", ", d, "]");
 }
 

@@ -46,7 +46,7 @@ __global__ void rope_rotate_kernel(const T* x, T* y, const float* table, std::in
     for (std::int64_t p = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; p < pairs;
          p += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
         const int i = static_cast<int>(p % half);
-        const std::int64_t head_row = p / half;        // (b·seq + t)·heads + h
+        const std::int64_t head_row = p / half;  // (b·seq + t)·heads + h
         const std::int64_t t = (head_row / heads) % seq;
         const std::int64_t a = head_row * (2 * half) + static_cast<std::int64_t>(i) * first_step, b = a + partner;
         const float c = cos_t[t * half + i], s = sign * sin_t[t * half + i];
@@ -59,8 +59,8 @@ __global__ void rope_rotate_kernel(const T* x, T* y, const float* table, std::in
 inline void check_rope(const char* op, const void* x, const void* y, const float* table, std::int64_t batch,
                        std::int64_t seq, std::int64_t heads, std::int64_t head_dim) {
     check(batch >= 0 && seq >= 0 && heads >= 0 && head_dim > 0 && head_dim % 2 == 0, "cuda::", op,
-          ": x must be [batch, seq, heads, head_dim] with an even head_dim, got [", batch, ", ", seq, ", ", heads,
-          ", ", head_dim, "]");
+          ": x must be [batch, seq, heads, head_dim] with an even head_dim, got [", batch, ", ", seq, ", ", heads, ", ",
+          head_dim, "]");
     check(heads <= INT_MAX && head_dim <= INT_MAX, "cuda::", op, ": heads or head_dim of [", batch, ", ", seq, ", ",
           heads, ", ", head_dim, "] exceeds 2^31 - 1");
     check(batch * seq * heads == 0 || (x && y && table), "cuda::", op, ": null x, y or table pointer for [", batch,
