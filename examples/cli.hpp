@@ -8,6 +8,7 @@
 #include <iostream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -22,6 +23,19 @@ struct UsageError : std::runtime_error {
 template <class... Args>
 void usage_check(bool cond, Args&&... args) {
     if (!cond) throw UsageError(mopt::detail::concat(std::forward<Args>(args)...));
+}
+
+// "a,b,,c" -> {"a", "b", "", "c"} ("" -> {}): list-valued flags.
+inline std::vector<std::string> split(const std::string& s, char sep) {
+    std::vector<std::string> out;
+    if (s.empty()) return out;
+    std::size_t start = 0;
+    for (std::size_t i = 0; i <= s.size(); ++i)
+        if (i == s.size() || s[i] == sep) {
+            out.push_back(s.substr(start, i - start));
+            start = i + 1;
+        }
+    return out;
 }
 
 // Parses argv; returns false after printing --help. Bad or missing flags become a UsageError.

@@ -100,8 +100,7 @@ compress::Recipe make_recipe(const Options& o, const po::variables_map& vm) {
     usage_check(o.damp > 0.0, "--damp must be > 0, got ", o.damp);
     r.damp = o.damp;
     r.roles.clear();
-    std::stringstream ss(o.layers);
-    for (std::string item; std::getline(ss, item, ',');) {
+    for (const std::string& item : cli::split(o.layers, ',')) {
         try {
             r.roles.insert(nn::parse_linear_role(item));
         } catch (const Error& e) {

@@ -48,12 +48,14 @@
 #include <mopt/train/prompt_tuning.hpp>
 
 #include "cli.hpp"
+#include "experiment.hpp"
 #include "model_dispatch.hpp"
 
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
 using namespace mopt;
 using cli::usage_check;
+using namespace mopt::experiment;
 
 namespace {
 
@@ -71,77 +73,6 @@ struct Options {
     bool federated = false, unweighted = false, fresh = false;
 };
 
-// The same model type with prompt policy P in the Prompt slot.
-template <class Base, class P>
-using WithPrompt = nn::Transformer<typename Base::Family, typename Base::FFN, typename Base::Compression, P,
-                                   typename Base::BackendType>;
-
-// Loads --model into the type its config.json describes (examples/model_dispatch.hpp's list) with
-// prompt policy P, and returns f(model).
-template <class P, class F>
-int with_prompt_model(const fs::path& path, F&& f) {
-    using namespace examples;
-    const auto run = [&]<class Base>(std::type_identity<Base>) {
-        auto model = io::load_model<WithPrompt<Base, P>>(path);
-        return f(model);
-    };
-    const fs::path config = examples::detail::config_json_of(path);
-    if (config.empty()) return run(std::type_identity<DenseLlama>{});
-    const io::HfConfig hf = io::read_hf_config(config);
-    if (examples::detail::computes<DenseLlama>(hf.structure)) return run(std::type_identity<DenseLlama>{});
-    if (examples::detail::computes<SwitchEveryOther>(hf.structure)) return run(std::type_identity<SwitchEveryOther>{});
-    if (examples::detail::computes<SwitchEveryLayer>(hf.structure)) return run(std::type_identity<SwitchEveryLayer>{});
-    if (examples::detail::computes<Mixtral>(hf.structure)) return run(std::type_identity<Mixtral>{});
-    if (examples::detail::computes<Gpt>(hf.structure)) return run(std::type_identity<Gpt>{});
-    throw Error(mopt::detail::concat("config '", config.string(), "': ", hf.architecture, " is ",
-                                     hf.structure.describe(), ", a structure prompt_tune is not compiled for"));
-}
-
-nlohmann::json per_domain(const eval::CorpusPerplexity& p) {
-    nlohmann::json j = nlohmann::json::object();
-    for (const auto& d : p.domains)
-        if (d.tokens > 0) j[d.domain] = d.ppl();
-    return j;
-}
-nlohmann::json expert_load(const eval::CorpusPerplexity& p) {
-    nlohmann::json load = nlohmann::json::array();
-    for (const auto& e : p.experts)
-        load.push_back({{"layer", e.layer}, {"fraction", e.fraction}, {"dropped", e.dropped},
-                        {"router_entropy", e.router_entropy}});
-    return load;
-}
-
-// Mean gate weight per domain over the test split (Dun et al. Fig. 5): CSV and heatmap in `out`.
-template <class Model>
-void write_gate_map(Model& model, data::Batches& test, const fs::path& out, const std::string& stem,
-                    const std::string& title) {
-    eval::GateByDomain gates(test.streams().domains, model.prompt().config().experts);
-    autodiff::NoGrad no_grad;
-    autodiff::Tape tape;
-    data::Batch batch;
-    test.start_epoch(0);
-    while (test.next(batch)) {
-        tape.reset();
-        const nn::ForwardOutput o = model.forward(tape, batch.ids);
-        std::vector<std::int64_t> domains(static_cast<std::size_t>(batch.size()));
-        for (std::int64_t b = 0; b < batch.size(); ++b) domains[static_cast<std::size_t>(b)] = batch.domains.data<std::int32_t>()[b];
-        gates.add(o.gate.value(), domains);
-    }
-    gates.write_csv(out / (stem + ".csv"));
-    gates.write_png(out / (stem + ".png"), title);
-}
-
-// Each expert layer's load (share of tokens per expert) before and after the prompt, as bars.
-void write_expert_load(const eval::CorpusPerplexity& before, const eval::CorpusPerplexity& after, const fs::path& file) {
-    eval::BarChart chart{.title = "expert load on the test split, without and with the prompt", .x_label = "expert",
-                         .y_label = "share of tokens"};
-    for (std::size_t e = 0; e < before.experts.front().fraction.size(); ++e) chart.categories.push_back(std::to_string(e));
-    for (std::size_t l = 0; l < before.experts.size(); ++l) {
-        chart.groups.push_back({.label = "layer " + std::to_string(before.experts[l].layer) + " without", .y = before.experts[l].fraction});
-        chart.groups.push_back({.label = "layer " + std::to_string(after.experts[l].layer) + " with prompt", .y = after.experts[l].fraction});
-    }
-    eval::write_png(file, chart, 900, 500);
-}
 
 template <class Model>
 int tune(const Options& o, Model& model, const data::CorpusSplits& splits) {

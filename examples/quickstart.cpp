@@ -26,6 +26,7 @@
 #include <mopt/mopt.hpp>
 
 #include "cli.hpp"
+#include "experiment.hpp"
 
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
@@ -47,10 +48,6 @@ struct Options {
     float lr = 0.03f, mop_lr = 0.03f;
     std::uint64_t seed = 0;
 };
-
-double seconds_since(std::chrono::steady_clock::time_point t) {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
 
 compress::Recipe recipe_of(const Options& o) {
     compress::Recipe r;
@@ -74,37 +71,16 @@ compress::Recipe recipe_of(const Options& o) {
     return r;
 }
 
-// Trains the model's prompt (already built by init_prompt) and returns its test perplexity.
-template <class Model>
-double tune_and_score(Model& model, data::Batches& train, data::Batches& val, data::Batches& test, const Options& o,
-                      std::int64_t steps, std::int64_t gate_steps, float lr, std::int64_t eval_batches) {
-    train::PromptTuningOptions to{.steps = steps,
-                                  .gate_pretrain_steps = gate_steps,
-                                  .lr = lr,
-                                  .warmup = steps / 10,
-                                  .eval_every = std::max<std::int64_t>(steps / 3, 1),
-                                  .eval_batches = 4,
-                                  .log_every = 25};
-    train::tune_prompt(model, train, &val, to);
-    return eval::corpus_perplexity(model, test, eval_batches).ppl();
-}
-
 int run(const Options& o) {
     const auto t0 = std::chrono::steady_clock::now();
     const compress::Recipe recipe = recipe_of(o);
     usage_check(fs::exists(fs::path(o.model) / "config.json"), "--model ", fs::path(o.model),
                 ": no Hugging Face folder (config.json) there");
-    usage_check(fs::is_directory(o.brown_dir), "--brown-dir ", fs::path(o.brown_dir),
-                ": no such folder (scripts/setup downloads the Brown corpus there)");
-    const data::Tokenizer tok = data::Tokenizer::load(fs::path(o.model) / "tokenizer.model");
-    const data::Corpus corpus = data::read_brown(o.brown_dir, data::BrownDomains::groups7);
-    const data::CorpusSplits splits = data::split_corpus(corpus, 1234);  // examples/pretrain's split
     const std::int64_t T = o.seq_len;
-    data::Batches train(splits.train, tok, {.batch_size = o.batch, .seq_len = T, .seed = o.seed});
-    data::Batches val(splits.validation, tok, {.batch_size = o.batch, .seq_len = T, .seed = 0});
-    data::Batches test(splits.test, tok, {.batch_size = o.batch, .seq_len = T, .seed = 0});
-    const std::int64_t eval_batches = (o.eval_windows + o.batch - 1) / o.batch;
-    const auto D = static_cast<std::int64_t>(splits.train.domains.size());
+    experiment::BrownData d = experiment::load_brown(fs::path(o.model) / "tokenizer.model", o.brown_dir,
+                                                     {.batch = o.batch, .seq_len = T, .eval_windows = o.eval_windows, .seed = o.seed});
+    data::Batches &train = d.train, &test = d.test;
+    const std::int64_t eval_batches = d.eval_batches;
 
     // 1. The dense model.
     SoftModel model = SoftModel::load(o.model);
@@ -113,14 +89,14 @@ int run(const Options& o) {
     const std::int64_t bytes_dense = model.parameter_bytes();
     const double ppl_dense = eval::corpus_perplexity(model, test, eval_batches).ppl();
     std::fprintf(stderr, "quickstart: dense model %.2f MB, test ppl %.2f (%.0f s)\n", bytes_dense / 1e6, ppl_dense,
-                 seconds_since(t0));
+                 experiment::seconds_since(t0));
 
     // 2. Compressed, calibrated on windows of the train split, then saved for the MoP type.
     const Tensor calibration = compress::calibration_windows(train, o.calibration_windows, o.seed);
     const compress::CompressionReport rep = compress::compress(model, recipe, calibration);
     const double ppl_compressed = eval::corpus_perplexity(model, test, eval_batches).ppl();
     std::fprintf(stderr, "quickstart: %s: %.2f MB, test ppl %.2f (%.0f s)\n", recipe.describe().c_str(),
-                 rep.model_bytes_after / 1e6, ppl_compressed, seconds_since(t0));
+                 rep.model_bytes_after / 1e6, ppl_compressed, experiment::seconds_since(t0));
     const fs::path work = o.work.empty() ? fs::temp_directory_path() / ("mopt-quickstart-" + std::to_string(std::random_device{}()))
                                          : fs::path(o.work);
     model.save(work / "compressed");
@@ -129,12 +105,12 @@ int run(const Options& o) {
     prompt::PromptConfig soft;
     soft.length = o.prompt_len;
     soft.init = prompt::PromptInit::vocab;
-    soft.frequent_ids = data::ids_by_frequency(train.streams());
+    soft.frequent_ids = d.frequent_ids;
     soft.seed = o.seed;
     model.init_prompt(soft);
-    const double ppl_prompt = tune_and_score(model, train, val, test, o, o.steps, 0, o.lr, eval_batches);
+    const double ppl_prompt = experiment::tune_and_score(model, d, {.steps = o.steps, .lr = o.lr}).ppl();
     std::fprintf(stderr, "quickstart: + soft prompt (%lld tokens): test ppl %.2f (%.0f s)\n",
-                 static_cast<long long>(o.prompt_len), ppl_prompt, seconds_since(t0));
+                 static_cast<long long>(o.prompt_len), ppl_prompt, experiment::seconds_since(t0));
 
     // 4. A Mixture of Prompts (Dun et al.): experts × per_expert prompts at layer L_int, a gate
     //    pretrained on the domain labels (expert d <-> Brown group d), then trained jointly.
@@ -148,13 +124,13 @@ int run(const Options& o) {
     pc.frequent_ids = soft.frequent_ids;
     pc.seed = o.seed;
     mop.init_prompt(pc);
-    const std::int64_t gate_steps = o.experts == D ? o.gate_steps : 0;
-    const double ppl_mop = tune_and_score(mop, train, val, test, o, o.mop_steps, gate_steps, o.mop_lr, eval_batches);
+    const std::int64_t gate_steps = o.experts == d.domains() ? o.gate_steps : 0;
+    const double ppl_mop =
+        experiment::tune_and_score(mop, d, {.steps = o.mop_steps, .gate_steps = gate_steps, .lr = o.mop_lr}).ppl();
     std::error_code ec;
     if (o.work.empty()) fs::remove_all(work, ec);
 
-    const double gap = ppl_compressed - ppl_dense;
-    const auto recovered = [&](double p) { return gap > 0 ? (ppl_compressed - p) / gap : 0.0; };
+    const auto recovered = [&](double p) { return experiment::gap_recovered(ppl_dense, ppl_compressed, p); };
     std::printf("\nBrown test perplexity (%lld windows of %lld tokens), %s\n", static_cast<long long>(o.eval_windows),
                 static_cast<long long>(T), SoftModel::structure().describe().c_str());
     std::printf("  %-44s %10s %10s %16s\n", "model", "MB", "ppl", "gap recovered");
@@ -169,7 +145,7 @@ int run(const Options& o) {
                  std::to_string(o.inject_layer) + ")")
                     .c_str(),
                 rep.model_bytes_after / 1e6, ppl_mop, 100 * recovered(ppl_mop));
-    const double seconds = seconds_since(t0);
+    const double seconds = experiment::seconds_since(t0);
     std::printf("(%.0f s)\n", seconds);
     cli::write_json(o.json, {{"ppl_dense", ppl_dense},
                              {"ppl_compressed", ppl_compressed},
