@@ -42,12 +42,6 @@ __device__ inline V warp_sum(V v) {
     return v;
 }
 
-template <class V>
-__device__ inline V warp_max(V v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(full_warp_mask, v, offset));
-    return v;
-}
-
 // Sum over the block; every thread gets the total. Safe to call repeatedly in one kernel: the
 // leading barrier keeps a new call from overwriting the slots before the last one was read.
 template <class V>
