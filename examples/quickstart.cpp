@@ -166,7 +166,8 @@ int run(const Options& o) {
                              {"eval_windows", o.eval_windows},
                              {"seq_len", T},
                              {"model", o.model},
-                             {"seconds", seconds}});
+                             {"seconds", seconds},
+                             {"machine", experiment::machine_json()}});
     return 0;
 }
 

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Writes docs/results.md (to stdout) from the JSON files scripts/experiments wrote.
+
+    python3 scripts/results.py results/experiments > docs/results.md
+
+Every number on the page is read from those files; the sentences that judge the seed studies'
+claims are computed from the same numbers (so they change when the numbers do). Figures (gate
+heatmaps, expert-load bars) are copied to docs/figures/.
+"""
+import glob
+import json
+import os
+import shutil
+import sys
+
+out = sys.argv[1]
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+figures = os.path.join(root, "docs", "figures")
+
+
+def load(name):
+    path = os.path.join(out, name + ".json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def machine(j):
+    m = j.get("machine")
+    if not m:
+        return "not recorded"
+    return f"{m['cpu']}, {m['threads']} threads"
+
+
+def run_line(name, j):
+    return f"*Run:* `{name}` — {j['seconds'] / 60:.1f} min on {machine(j)}."
+
+
+def figure(src, name, alt):
+    if not os.path.exists(src):
+        return ""
+    os.makedirs(figures, exist_ok=True)
+    shutil.copyfile(src, os.path.join(figures, name))
+    return f"![{alt}](figures/{name})"
+
+
+def pct(x):
+    return f"{100 * x:.0f}%"
+
+
+print("# Results\n")
+print("What the experiment programs measure on the committed base models (`models/dense-brown`,")
+print("`models/switch-brown`: 4 layers, d = 256, vocabulary 4096, trained on the Brown corpus). Produced by")
+print("one command; each program's JSON (with its settings) is in `results/experiments/`:\n")
+print("```\nJOBS=4 scripts/experiments build results/experiments   # then: python3 scripts/results.py results/experiments > docs/results.md\n```\n")
+print("Perplexity is measured on the first 64 windows of 128 tokens of the Brown test split (the same windows")
+print("in every row); prompts precede each window and are not scored. \"Gap recovered\" is")
+print("(compressed − prompted) / (compressed − dense): 100% means the prompt wins back all that compression lost.\n")
+
+# ---- quickstart ----
+q = load("quickstart")
+if q:
+    print("## The main command (README command 1): `examples/quickstart`\n")
+    print("| model | MB | ppl | gap recovered |\n|---|---:|---:|---:|")
+    print(f"| dense | {q['bytes_dense'] / 1e6:.2f} | {q['ppl_dense']:.2f} | |")
+    print(f"| compressed: {q['compression']['description']} | {q['bytes_compressed'] / 1e6:.2f} | {q['ppl_compressed']:.2f} | |")
+    print(f"| + soft prompt ({q['prompt_len']} tokens, {q['steps']} steps) | | {q['ppl_prompt']:.2f} | {pct(q['gap_recovered_prompt'])} |")
+    print(f"| + MoP ({q['experts']}×{q['per_expert']} at layer {q['inject_layer']}, {q['mop_steps']} steps) | | {q['ppl_mop']:.2f} | {pct(q['gap_recovered_mop'])} |")
+    print()
+    print(run_line("quickstart", q) + "\n")
+
+# ---- compress then prompt ----
+ctp = {m: load(f"ctp.{m}") for m in ("dense-brown", "switch-brown")}
+if any(ctp.values()):
+    print("## Compress, then prompt (Xu et al. 2023): `examples/compress_then_prompt`\n")
+    verdicts = []
+    for model, j in ctp.items():
+        if not j:
+            continue
+        lens = [str(k) for k in j["prompt_lens"]]
+        print(f"### {model} ({j['structure']}), prompts trained {j['steps']} steps\n")
+        print("| compression | MB | ppl | " + " | ".join(f"K={k} (gap)" for k in lens) + " |")
+        print("|---|---:|---:|" + "---:|" * len(lens))
+        print(f"| dense | {j['bytes_dense'] / 1e6:.2f} | {j['ppl_dense']:.2f} |" + " |" * len(lens))
+        for r in j["rows"]:
+            cells = [f"{r['ppl_prompt'][k]:.2f} ({pct(r['gap_recovered'][k])})" for k in lens]
+            print(f"| {r['compression']['description']} | {r['bytes'] / 1e6:.2f} | {r['ppl_compressed']:.2f} | " + " | ".join(cells) + " |")
+            best = max(r["gap_recovered"][k] for k in lens)
+            beats = all(r["ppl_prompt"][k] < r["ppl_compressed"] for k in lens)
+            verdicts.append((model, r, best, beats))
+        print()
+        if "transfer" in j:
+            t = j["transfer"]
+            names = [r["name"] for r in j["rows"]]
+            print(f"Transfer across compressions: the {t['prompt_len']}-token prompt learned on the row's compression,")
+            print("scored on the column's compressed model (test ppl; the first row is the model without a prompt).\n")
+            print("| learned on \\ scored on | " + " | ".join(names) + " |")
+            print("|---|" + "---:|" * len(names))
+            print("| (no prompt) | " + " | ".join(f"{r['ppl_compressed']:.2f}" for r in j["rows"]) + " |")
+            for s, row in enumerate(t["ppl"]):
+                print(f"| {names[s]} | " + " | ".join(f"{p:.2f}" for p in row) + " |")
+            helped = sum(1 for s, row in enumerate(t["ppl"]) for c, p in enumerate(row)
+                         if s != c and p < j["rows"][c]["ppl_compressed"])
+            total = len(names) * (len(names) - 1)
+            print(f"\nOff the diagonal, a transferred prompt beats the target model without a prompt in {helped} of {total} cells.\n")
+        if "transfer_text" in j:
+            tt = j["transfer_text"]
+            k = j["transfer"]["prompt_len"] if "transfer" in j else lens[-1]
+            print(f"Cross-dataset: the same {k}-token prompts (learned on Brown) scored on `{os.path.basename(tt['file'])}`")
+            print(f"(the project's README and docs, another register than the Brown corpus); dense: {tt['ppl_dense']:.2f}.\n")
+            print("| compression | no prompt | with prompt |\n|---|---:|---:|")
+            for r in j["rows"]:
+                x = r["transfer_text"]
+                print(f"| {r['compression']['description']} | {x['ppl_compressed']:.2f} | {x['ppl_prompt']:.2f} |")
+            better = sum(1 for r in j["rows"] if r["transfer_text"]["ppl_prompt"] < r["transfer_text"]["ppl_compressed"])
+            print(f"\nOn that text the Brown-trained prompt helps in {better} of {len(j['rows'])} compressions.\n")
+        print(run_line(f"ctp.{model}", j) + "\n")
+    if verdicts:
+        beaten = sum(1 for v in verdicts if v[3])
+        print("**Claims.** ", end="")
+        print(f"The prompted model beats the compressed one at every prompt length in {beaten} of {len(verdicts)} rows. ", end="")
+        key = [v for v in verdicts if v[1]["name"] in ("sparsegpt50", "gptq4")]
+        if key:
+            held = [v for v in key if v[2] >= 0.5]
+            print(f"At 50% sparsity and at 4 bits (the acceptance rows) the best prompt wins back ", end="")
+            print(", ".join(f"{pct(v[2])} ({v[0]}, {v[1]['name']})" for v in key) + "; ", end="")
+            print(f"half or more in {len(held)} of {len(key)}.")
+        print()
+
+# ---- mixture of prompts ----
+mop = load("mop.dense-brown")
+if mop:
+    print("## Mixture of Prompts (Dun et al. 2024): `examples/mixture_of_prompts`\n")
+    print(f"Tasks: the {mop['experts']} Brown genre groups. Baseline: {mop['experts'] * mop['per_expert']} prompt vectors at layer")
+    print(f"{mop['inject_layer']} without a gate; MoPs: {mop['experts']} experts × {mop['per_expert']} prompts at layer {mop['inject_layer']}, gate")
+    print(f"pretrained {mop['gate_pretrain_steps']} steps on the genre labels, then trained jointly. Pruning: SparseGPT; N:M counts the")
+    print(f"weights **zeroed** in every M (2:4 and 4:8 are 50% sparse, 3:4 75%, 7:8 87.5%). Dense: {mop['ppl_dense']:.2f}.\n")
+    fed = mop["federated"]
+    for setting in mop["settings"]:
+        title = ("Centralized" + f" ({mop['steps']} steps)") if setting == "central" else \
+            f"Federated ({fed['clients']} clients, {fed['active']} a round, {fed['rounds']} rounds of {fed['local_steps']} local steps, skew {fed['skew']})"
+        print(f"### {title}\n")
+        print("| compression | no prompt | baseline | MoPs | gain |\n|---|---:|---:|---:|---:|")
+        for r in mop["rows"]:
+            p = r[setting]
+            print(f"| {r['description']} | {r['ppl_compressed']:.2f} | {p['baseline']:.2f} | {p['mop']:.2f} | {p['gain']:+.2f} ({p['gain_percent']:+.1f}%) |")
+        wins = sum(1 for r in mop["rows"] if r[setting]["gain"] > 0)
+        print(f"\nMoPs beat the baseline in {wins} of {len(mop['rows'])} settings.\n")
+    ab = mop.get("ablation") or {}
+    for key, label in (("inject_layer", "L_int"), ("per_expert", "prompts per expert")):
+        if ab.get(key):
+            print(f"Effect of {label} ({ab['compression']}, centralized):\n")
+            print(f"| {label} | baseline | MoPs | gain |\n|---:|---:|---:|---:|")
+            for a in ab[key]:
+                print(f"| {a[key]} | {a['baseline']:.2f} | {a['mop']:.2f} | {a['gain']:+.2f} |")
+            print()
+    first = mop["rows"][0]["name"]
+    before = figure(os.path.join(out, "mop.dense-brown", first, "gates_before.png"), "mop_gates_before.png", "gate before")
+    after = figure(os.path.join(out, "mop.dense-brown", first, "gates.png"), "mop_gates_after.png", "gate after")
+    if before and after:
+        print(f"Mean gate weight per genre group on the test split, {mop['rows'][0]['description']}, before and after training")
+        print("(Dun et al. Fig. 5):\n")
+        print(before + " " + after + "\n")
+    print(run_line("mop.dense-brown", mop) + "\n")
+
+# ---- switch soft prompt ----
+s = load("switch_soft_prompt")
+if s:
+    print("## Soft prompts on a Switch model: `examples/switch_soft_prompt`\n")
+    st = s["settings"]
+    print(f"Does a soft prompt rebalance the experts? {st['prompt_len']}-token soft prompts, {st['steps']} steps, on the Switch base")
+    print(f"model plain and compressed ({st['compression_name']}), without and with the load-balancing loss (α = {st['aux_coef']})")
+    print("in the prompt's objective. Load: coefficient of variation of the experts' token shares (0 = even) and")
+    print("the busiest expert's share over the mean, averaged over the expert layers; measured on the test windows,")
+    print("prompt positions included.\n")
+    print("| condition | ppl without | ppl with | CV without | CV with | max/mean without | max/mean with |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in s["runs"]:
+        a, b = r["load_without"]["overall"], r["load_with"]["overall"]
+        print(f"| {r['condition']} | {r['ppl_without']:.2f} | {r['ppl_with']:.2f} | {a['cv']:.3f} | {b['cv']:.3f} | {a['max_over_mean']:.3f} | {b['max_over_mean']:.3f} |")
+    print()
+    off = {r["model"]: r for r in s["runs"] if r["aux_coef"] == 0}
+    on = {r["model"]: r for r in s["runs"] if r["aux_coef"] != 0}
+    for m in off:
+        if m in on:
+            d_off = off[m]["load_with"]["overall"]["cv"] - off[m]["load_without"]["overall"]["cv"]
+            d_on = on[m]["load_with"]["overall"]["cv"] - on[m]["load_without"]["overall"]["cv"]
+            print(f"- {m}: the prompt changes the load CV by {d_off:+.3f} without the balance loss and by {d_on:+.3f} with it.")
+    print()
+    for r in s["runs"]:
+        if r.get("png") and os.path.exists(os.path.join(out, "switch_soft_prompt", os.path.basename(r["png"]))):
+            img = figure(os.path.join(out, "switch_soft_prompt", os.path.basename(r["png"])), "switch_" + os.path.basename(r["png"]), r["condition"])
+            print(f"{r['condition']}: {img}\n")
+    print(run_line("switch_soft_prompt", s) + "\n")
+
+missing = [n for n in ("quickstart", "ctp.dense-brown", "ctp.switch-brown", "mop.dense-brown", "switch_soft_prompt") if not load(n)]
+if missing:
+    print("Not yet run: " + ", ".join(f"`{m}`" for m in missing) + ".\n")
