@@ -1,0 +1,653 @@
+#pragma once
+// DeviceLlama: a frozen Llama-family model (RMSNorm, rotary GQA attention, SwiGLU, pre-norm) on the
+// GPU, run as mopt's CPU model with a SoftPrompt runs it (nn/transformer.hpp, prompt/soft_prompt.hpp),
+// for prompt tuning (Lester et al. 2021) and its evaluation:
+//
+//   x₀ = [P; E[ids]]                  K prompt rows before the T text embeddings   [B, S = K + T, d]
+//   positions 0..S−1                  RoPE (half style) over prompt and text (PEFT's numbering)
+//   x_mid = x + o_proj(attn(norm(x)))  causal over [prompt; text] (PEFT: prompt row i sees rows ≤ i)
+//   x'    = x_mid + down(silu(gate(norm(x_mid))) ⊙ up(norm(x_mid)))
+//   logits = norm(x_L)[text rows] Wᵀ  W = lm_head, or embed_tokens when tied       [B, T, vocab]
+//   loss   = mean over targets ≠ −100 of −log softmax(logits)[target]
+//
+// backward_to_prompt() computes d loss / d P only. The weights are frozen: no weight-gradient GEMM
+// runs, only the chain of input gradients (llm.c's backward with every dW line removed): dgrad
+// GEMMs dX = dY·W, the norm, RoPE, SwiGLU and attention backwards, and the residual adds.
+//
+// Memory: weights live in exact-size cudaMalloc buffers (DeviceBuffer, allocated at construction);
+// every activation of a (batch, seq, prompt_len) shape comes from the caching allocator once, in
+// reserve(), and is reused by every step. A step makes no allocation (cross_entropy's 4-byte count
+// is served by the allocator's cache) and no host↔device copy except the ids/targets upload
+// (pinned staging, cudaMemcpyAsync) and, when asked, the loss read back at the end; all its work is
+// on the model's own stream, so it can be captured into a CUDA graph (prompt_tuner.cuh).
+//
+// What the forward saves for the backward (per layer): the residual inputs x and x_mid (the norms'
+// inputs), the roped q, k and v and the attention output with its logsumexp (FlashAttention-2's
+// backward recomputes P from them), the norms' 1/rms, and the gate and up projections (the SwiGLU
+// backward; the backward overwrites them with their gradients). The normed inputs and the SwiGLU
+// output are not saved: a frozen weight needs no dW = Xᵀ·dY, so nothing reads them in the backward.
+//
+// T = float or __nv_bfloat16 is the storage of weights and activations (chosen at construction);
+// norm weights, statistics, the prompt master copy and its gradient are f32; math is f32.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "mopt/backend/cuda/activation.cuh"
+#include "mopt/backend/cuda/allocator.cuh"
+#include "mopt/backend/cuda/attention.cuh"
+#include "mopt/backend/cuda/blas.cuh"
+#include "mopt/backend/cuda/common.cuh"
+#include "mopt/backend/cuda/cross_entropy.cuh"
+#include "mopt/backend/cuda/device.cuh"
+#include "mopt/backend/cuda/llama_weights.hpp"
+#include "mopt/backend/cuda/norm.cuh"
+#include "mopt/backend/cuda/rope.cuh"
+#include "mopt/nn/config.hpp"
+
+namespace mopt::backend::cuda {
+
+// The sizes of one step: B sequences of T text tokens, each after the K prompt rows.
+struct LlamaRunShape {
+    std::int64_t batch = 1;       // B
+    std::int64_t seq = 0;         // T: text tokens per sequence (ids and targets are [B, T])
+    std::int64_t prompt_len = 0;  // K: prompt rows before the text (0: the model alone)
+
+    [[nodiscard]] std::int64_t positions() const { return prompt_len + seq; }  // S = K + T
+    [[nodiscard]] std::int64_t rows() const { return batch * positions(); }   // N = B·S
+    [[nodiscard]] std::int64_t text_rows() const { return batch * seq; }      // B·T
+    friend bool operator==(const LlamaRunShape&, const LlamaRunShape&) = default;
+};
+
+struct LlamaOptions {
+    GemmCompute compute = GemmCompute::f32;                // f32 models: exact f32 or tf32 GEMMs
+    AttentionKernel attention = AttentionKernel::automatic;  // bf16: tensor cores when aligned
+};
+
+// What a forward computes: logits only (evaluation, generation), the loss as well (evaluation), or
+// the loss with d loss / d logits written over the logits and everything the backward needs (train).
+enum class ForwardMode { logits, loss, train };
+
+namespace llama_detail {
+
+#define MOPT_LLAMA_GRID_STRIDE(i, n)                                                                   \
+    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < (n); \
+         i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+
+// x₀[b, s] = P[s] for s < K, else E[ids[b, s − K]] (soft_prompt.hpp's prepend).
+// ids: i32 [B, T], table: [vocab, d], prompt: f32 [K, d] -> x: [B, K + T, d]
+template <class T>
+__global__ void embed_with_prompt_kernel(const std::int32_t* ids, const T* table, const float* prompt, T* x,
+                                         std::int64_t rows, int seq, int prompt_len, int d) {
+    const int positions = seq + prompt_len;
+    MOPT_LLAMA_GRID_STRIDE(e, rows * d) {
+        const std::int64_t r = e / d;
+        const int j = static_cast<int>(e % d), s = static_cast<int>(r % positions);
+        const std::int64_t b = r / positions;
+        x[e] = s < prompt_len ? from_f32<T>(prompt[static_cast<std::int64_t>(s) * d + j])
+                              : table[static_cast<std::int64_t>(ids[b * seq + (s - prompt_len)]) * d + j];
+    }
+}
+
+// y += x. y, x: [n]
+template <class T>
+__global__ void add_kernel(T* y, const T* x, std::int64_t n) {
+    MOPT_LLAMA_GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(y[i]) + to_f32(x[i]));
+}
+
+// The prompt is broadcast over the batch, so its gradient sums the batch's prompt rows:
+// dP[k, j] = Σ_b dx₀[b, k, j]. dx: [B, S, d] -> dprompt: f32 [K, d]
+template <class T>
+__global__ void prompt_gradient_kernel(const T* dx, float* dprompt, int batch, std::int64_t batch_stride,
+                                       std::int64_t prompt_values) {
+    MOPT_LLAMA_GRID_STRIDE(i, prompt_values) {
+        float s = 0.0f;
+        for (int b = 0; b < batch; ++b) s += to_f32(dx[b * batch_stride + i]);
+        dprompt[i] = s;
+    }
+}
+
+__device__ inline std::uint64_t splitmix64(std::uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+// w[i] ~ Normal(0, stddev), a counter-based draw (Box–Muller on two hashes of (seed, i)): the
+// same seed gives the same weights on any grid.
+template <class T>
+__global__ void fill_normal_kernel(T* w, std::int64_t n, float stddev, std::uint64_t seed) {
+    MOPT_LLAMA_GRID_STRIDE(i, n) {
+        const std::uint64_t h1 = splitmix64(seed ^ (2 * static_cast<std::uint64_t>(i)));
+        const std::uint64_t h2 = splitmix64(seed ^ (2 * static_cast<std::uint64_t>(i) + 1));
+        const float u1 = (static_cast<float>(h1 >> 40) + 1.0f) * 0x1p-24f;  // (0, 1]
+        const float u2 = static_cast<float>(h2 >> 40) * 0x1p-24f;          // [0, 1)
+        w[i] = from_f32<T>(stddev * sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));
+    }
+}
+
+template <class T>
+__global__ void fill_kernel(T* w, std::int64_t n, float value) {
+    MOPT_LLAMA_GRID_STRIDE(i, n) w[i] = from_f32<T>(value);
+}
+
+#undef MOPT_LLAMA_GRID_STRIDE
+
+// Page-locked host memory: cudaMemcpyAsync from it is truly asynchronous.
+template <class V>
+class PinnedArray {
+public:
+    PinnedArray() = default;
+    explicit PinnedArray(std::size_t count) : count_(count) {
+        if (count_)
+            check_cuda(cudaMallocHost(reinterpret_cast<void**>(&data_), count_ * sizeof(V)), "cudaMallocHost");
+    }
+    PinnedArray(const PinnedArray&) = delete;
+    PinnedArray& operator=(const PinnedArray&) = delete;
+    PinnedArray(PinnedArray&& o) noexcept : data_(std::exchange(o.data_, nullptr)), count_(std::exchange(o.count_, 0)) {}
+    PinnedArray& operator=(PinnedArray&& o) noexcept {
+        std::swap(data_, o.data_);
+        std::swap(count_, o.count_);
+        return *this;
+    }
+    ~PinnedArray() {
+        if (data_) cudaFreeHost(data_);
+    }
+    [[nodiscard]] V* data() const { return data_; }
+    [[nodiscard]] std::size_t size() const { return count_; }
+
+private:
+    V* data_ = nullptr;
+    std::size_t count_ = 0;
+};
+
+template <class T>
+DeviceBuffer<T> upload(const std::vector<float>& host) {
+    DeviceBuffer<T> buffer(host.size());
+    if (host.empty()) return buffer;  // a tied model has no lm_head
+    if constexpr (std::is_same_v<T, float>) {
+        buffer.upload(host);
+    } else {
+        std::vector<T> converted(host.size());
+        for (std::size_t i = 0; i < host.size(); ++i) converted[i] = __float2bfloat16(host[i]);
+        buffer.upload(converted);
+    }
+    return buffer;
+}
+
+}  // namespace llama_detail
+
+template <DeviceFloat T>
+class DeviceLlama {
+public:
+    using value_type = T;
+    static constexpr DType dtype = std::is_same_v<T, float> ? DType::f32 : DType::bf16;
+
+    // Copies a CPU model's weights (llama_host_weights(model), in a g++-compiled file), rounded to T.
+    explicit DeviceLlama(const LlamaHostWeights& w, LlamaOptions opt = {}) : config_(w.config), opt_(opt) {
+        w.validate();
+        init_stream();
+        using llama_detail::upload;
+        embed_tokens_ = upload<T>(w.embed_tokens);
+        lm_head_ = upload<T>(w.lm_head);
+        final_norm_ = upload<float>(w.final_norm);
+        for (const LlamaHostWeights::Layer& src : w.layers) {
+            LayerWeights& l = layers_.emplace_back();
+            l.attn_norm = upload<float>(src.attn_norm);
+            l.ffn_norm = upload<float>(src.ffn_norm);
+            l.q_proj = upload<T>(src.q_proj);
+            l.k_proj = upload<T>(src.k_proj);
+            l.v_proj = upload<T>(src.v_proj);
+            l.o_proj = upload<T>(src.o_proj);
+            l.gate_proj = upload<T>(src.gate_proj);
+            l.up_proj = upload<T>(src.up_proj);
+            l.down_proj = upload<T>(src.down_proj);
+        }
+        check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (DeviceLlama weights upload)");
+    }
+
+    // Seeded random weights of the config's shape, drawn on the device (benchmarks: no host copy of
+    // a 7B model). As nn::Transformer's init: Normal(0, 0.02), the residual projections o_proj and
+    // down_proj Normal(0, 0.02/√(2·layers)) (GPT-2), norm weights 1.
+    DeviceLlama(const nn::ModelConfig& c, std::uint64_t seed, LlamaOptions opt = {}) : config_(c), opt_(opt) {
+        c.validate("DeviceLlama");
+        check(c.num_experts == 0, "DeviceLlama: num_experts = ", c.num_experts, "; only dense SwiGLU models run here");
+        init_stream();
+        const std::int64_t d = c.d_model, V = c.vocab_size, F = c.d_ff, q = c.n_heads * c.head_dim(),
+                           kv = c.kv_heads() * c.head_dim();
+        const float residual_std = 0.02f / std::sqrt(2.0f * static_cast<float>(c.n_layers));
+        std::uint64_t stream_id = seed * 0x2545F4914F6CDD1Dull;
+        auto normal = [&](std::int64_t n, float stddev) {
+            DeviceBuffer<T> b(static_cast<std::size_t>(n));
+            llama_detail::fill_normal_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream_>>>(
+                b.data(), n, stddev, ++stream_id * 0xD1342543DE82EF95ull);
+            check_launch("DeviceLlama random init", "[", n, "]");
+            return b;
+        };
+        auto ones = [&](std::int64_t n) {
+            DeviceBuffer<float> b(static_cast<std::size_t>(n));
+            llama_detail::fill_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream_>>>(b.data(), n, 1.0f);
+            check_launch("DeviceLlama norm init", "[", n, "]");
+            return b;
+        };
+        embed_tokens_ = normal(V * d, 0.02f);
+        for (std::int64_t l = 0; l < c.n_layers; ++l) {
+            LayerWeights& w = layers_.emplace_back();
+            w.attn_norm = ones(d);
+            w.ffn_norm = ones(d);
+            w.q_proj = normal(q * d, 0.02f);
+            w.k_proj = normal(kv * d, 0.02f);
+            w.v_proj = normal(kv * d, 0.02f);
+            w.o_proj = normal(d * q, residual_std);
+            w.gate_proj = normal(F * d, 0.02f);
+            w.up_proj = normal(F * d, 0.02f);
+            w.down_proj = normal(d * F, residual_std);
+        }
+        final_norm_ = ones(d);
+        if (!c.tie_embeddings) lm_head_ = normal(V * d, 0.02f);
+        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama random init)");
+    }
+
+    DeviceLlama(const DeviceLlama&) = delete;
+    DeviceLlama& operator=(const DeviceLlama&) = delete;
+    ~DeviceLlama() {
+        if (stream_) {
+            (void)cudaStreamSynchronize(stream_);
+            // Activations go back to the allocator's cache before the stream they belong to is gone.
+            acts_ = Activations{};
+            for (cudaEvent_t& e : upload_done_)
+                if (e) (void)cudaEventDestroy(e);
+            (void)cudaStreamDestroy(stream_);
+        }
+    }
+
+    [[nodiscard]] const nn::ModelConfig& config() const { return config_; }
+    [[nodiscard]] const LlamaOptions& options() const { return opt_; }
+    [[nodiscard]] cudaStream_t stream() const { return stream_; }
+    [[nodiscard]] const LlamaRunShape& shape() const { return shape_; }
+    // Incremented whenever reserve() reallocates: a captured graph of an older generation is stale.
+    [[nodiscard]] std::uint64_t generation() const { return generation_; }
+
+    // Parameters and their bytes on the device (norm weights f32, the rest T).
+    [[nodiscard]] std::int64_t num_parameters() const { return weight_values(false) + weight_values(true); }
+    [[nodiscard]] std::int64_t weight_bytes() const {
+        return weight_values(false) * static_cast<std::int64_t>(sizeof(T)) +
+               weight_values(true) * static_cast<std::int64_t>(sizeof(float));
+    }
+
+    // Allocates the activations of `s` (nothing when s is the shape already reserved).
+    void reserve(const LlamaRunShape& s) {
+        check(s.batch >= 1 && s.seq >= 1 && s.prompt_len >= 0, "DeviceLlama::reserve: batch ", s.batch, " and seq ",
+              s.seq, " must be >= 1 and prompt_len ", s.prompt_len, " >= 0");
+        check(s.positions() <= config_.max_seq, "DeviceLlama::reserve: positions up to ", s.positions(), " (",
+              s.prompt_len, " prompt + ", s.seq, " text) exceed the model's context max_seq = ", config_.max_seq);
+        check(s.rows() <= INT_MAX && s.text_rows() * config_.vocab_size <= (std::int64_t{1} << 40),
+              "DeviceLlama::reserve: ", s.batch, " x ", s.positions(), " rows are too many for one step");
+        if (s == shape_ && acts_.reserved) return;
+        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::reserve)");
+        acts_ = Activations{};
+        shape_ = s;
+        const std::int64_t N = s.rows(), d = config_.d_model, F = config_.d_ff, V = config_.vocab_size;
+        const std::int64_t q = config_.n_heads * config_.head_dim(), kv = config_.kv_heads() * config_.head_dim();
+        const std::int64_t stats = s.batch * config_.n_heads * s.positions();
+        auto array = [&](auto tag, std::int64_t n) {
+            return DeviceArray<decltype(tag)>(static_cast<std::size_t>(n), stream_);
+        };
+        Activations& a = acts_;
+        for (std::int64_t l = 0; l <= config_.n_layers; ++l) a.residual.push_back(array(T{}, N * d));
+        for (std::int64_t l = 0; l < config_.n_layers; ++l) {
+            LayerActivations& la = a.layer.emplace_back();
+            la.x_mid = array(T{}, N * d);
+            la.q = array(T{}, N * q);
+            la.k = array(T{}, N * kv);
+            la.v = array(T{}, N * kv);
+            la.attn_out = array(T{}, N * q);
+            la.lse = array(float{}, stats);
+            la.rstd_attn = array(float{}, N);
+            la.rstd_ffn = array(float{}, N);
+            la.gate = array(T{}, N * F);
+            la.up = array(T{}, N * F);
+        }
+        a.normed = array(T{}, N * d);
+        a.ffn_hidden = array(T{}, N * F);
+        a.final_normed = array(T{}, N * d);
+        a.rstd_final = array(float{}, N);
+        a.logits = array(T{}, s.text_rows() * V);
+        a.row_loss = array(float{}, s.text_rows());
+        a.loss = array(float{}, 1);
+        a.rope = array(float{}, s.positions() * config_.head_dim());
+        a.tokens = array(std::int32_t{}, 2 * s.text_rows());
+        a.d_residual = array(T{}, N * d);
+        a.d_normed = array(T{}, N * d);
+        a.d_norm_input = array(T{}, N * d);
+        a.d_ffn_hidden = array(T{}, N * F);
+        a.d_attn_out = array(T{}, N * q);
+        a.dq = array(T{}, N * q);
+        a.dk = array(T{}, N * kv);
+        a.dv = array(T{}, N * kv);
+        a.delta = array(float{}, stats);
+        a.d_final_normed = array(T{}, N * d);
+        a.d_final_normed.zero(stream_);  // its prompt rows stay 0: the loss does not read them
+        rope_table(a.rope.data(), s.positions(), config_.head_dim(), config_.rope_theta, 0, stream_);
+        for (auto& slot : a.staging) slot = llama_detail::PinnedArray<std::int32_t>(2 * s.text_rows());
+        a.reserved = true;
+        ++generation_;
+        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::reserve)");
+    }
+
+    // Uploads a batch: ids i32 [B, T] in [0, vocab) and targets i32 [B, T] (next tokens, −100 =
+    // not predicted; may be empty for ForwardMode::logits). Host memcpy into a pinned slot (two
+    // slots: the host may run one step ahead), then one cudaMemcpyAsync on the model's stream.
+    void set_batch(std::span<const std::int32_t> ids, std::span<const std::int32_t> targets) {
+        check(acts_.reserved, "DeviceLlama::set_batch: call reserve(shape) first");
+        const std::int64_t n = shape_.text_rows();
+        check(static_cast<std::int64_t>(ids.size()) == n, "DeviceLlama::set_batch: ids hold ", ids.size(),
+              " tokens, the reserved shape [B, T] = [", shape_.batch, ", ", shape_.seq, "] needs ", n);
+        check(targets.empty() || static_cast<std::int64_t>(targets.size()) == n, "DeviceLlama::set_batch: targets hold ",
+              targets.size(), " values, ids ", n);
+        const std::int32_t V = static_cast<std::int32_t>(config_.vocab_size);
+        for (std::int64_t i = 0; i < n; ++i)
+            check(ids[i] >= 0 && ids[i] < V, "DeviceLlama::set_batch: token id ", ids[i], " at [", i / shape_.seq,
+                  ", ", i % shape_.seq, "] is outside the vocabulary [0, ", V, ")");
+        for (std::size_t i = 0; i < targets.size(); ++i)
+            check(targets[i] == -100 || (targets[i] >= 0 && targets[i] < V), "DeviceLlama::set_batch: target ",
+                  targets[i], " at [", static_cast<std::int64_t>(i) / shape_.seq, ", ",
+                  static_cast<std::int64_t>(i) % shape_.seq, "] is neither -100 nor a token id below ", V);
+        const int slot = next_slot_;
+        next_slot_ ^= 1;
+        check_cuda(cudaEventSynchronize(upload_done_[slot]), "cudaEventSynchronize (DeviceLlama::set_batch)");
+        std::int32_t* staging = acts_.staging[slot].data();
+        std::memcpy(staging, ids.data(), static_cast<std::size_t>(n) * sizeof(std::int32_t));
+        if (targets.empty())
+            std::fill_n(staging + n, n, -100);
+        else
+            std::memcpy(staging + n, targets.data(), static_cast<std::size_t>(n) * sizeof(std::int32_t));
+        check_cuda(cudaMemcpyAsync(acts_.tokens.data(), staging, 2 * static_cast<std::size_t>(n) * sizeof(std::int32_t),
+                                   cudaMemcpyHostToDevice, stream_),
+                   "cudaMemcpyAsync (DeviceLlama::set_batch)");
+        check_cuda(cudaEventRecord(upload_done_[slot], stream_), "cudaEventRecord (DeviceLlama::set_batch)");
+    }
+
+    // The whole forward of the uploaded batch, enqueued on stream() (no host synchronisation).
+    // prompt: device f32 [K, d] (nullptr when K = 0).
+    void enqueue_forward(const float* prompt, ForwardMode mode) {
+        check(acts_.reserved, "DeviceLlama::forward: call reserve(shape) first");
+        check(shape_.prompt_len == 0 || prompt != nullptr, "DeviceLlama::forward: the reserved shape has ",
+              shape_.prompt_len, " prompt rows but the prompt pointer is null");
+        Activations& a = acts_;
+        const std::int64_t B = shape_.batch, S = shape_.positions(), text = shape_.seq, K = shape_.prompt_len;
+        const std::int64_t N = shape_.rows(), d = config_.d_model, F = config_.d_ff, V = config_.vocab_size;
+        const std::int64_t H = config_.n_heads, Hkv = config_.kv_heads(), Dh = config_.head_dim();
+        const float eps = config_.norm_eps;
+
+        // x₀ = [P; E[ids]]: [B, S, d]
+        llama_detail::embed_with_prompt_kernel<<<elementwise_blocks(N * d), elementwise_threads, 0, stream_>>>(
+            a.tokens.data(), embed_tokens_.data(), prompt, a.residual[0].data(), N, static_cast<int>(text),
+            static_cast<int>(K), static_cast<int>(d));
+        check_launch("DeviceLlama embed", "[", B, ", ", S, ", ", d, "]");
+
+        const AttentionShape attn{.batch = B, .seq_q = S, .seq_k = S, .heads = H, .kv_heads = Hkv, .head_dim = Dh};
+        const AttentionOptions attn_opt{.causal = true, .prefix = 0, .scale = 0.0f, .kernel = opt_.attention};
+        for (std::size_t l = 0; l < layers_.size(); ++l) {
+            const LayerWeights& w = layers_[l];
+            LayerActivations& la = a.layer[l];
+            T* x = a.residual[l].data();
+            // Attention half: x_mid = x + o_proj(attn(rope(q), rope(k), v)), q|k|v = norm(x) W{q,k,v}ᵀ
+            rms_norm_forward(x, w.attn_norm.data(), a.normed.data(), la.rstd_attn.data(), N, d, eps, stream_);
+            linear(a.normed.data(), w.q_proj.data(), la.q.data(), N, d, H * Dh);     // [N, d] -> [B, S, H, Dh]
+            linear(a.normed.data(), w.k_proj.data(), la.k.data(), N, d, Hkv * Dh);   // [N, d] -> [B, S, Hkv, Dh]
+            linear(a.normed.data(), w.v_proj.data(), la.v.data(), N, d, Hkv * Dh);
+            rope_forward(la.q.data(), la.q.data(), a.rope.data(), B, S, H, Dh, RopeStyle::half, stream_);
+            rope_forward(la.k.data(), la.k.data(), a.rope.data(), B, S, Hkv, Dh, RopeStyle::half, stream_);
+            attention_forward<T>({.q = la.q.data(), .k = la.k.data(), .v = la.v.data(), .out = la.attn_out.data(),
+                                  .lse = la.lse.data()},
+                                 attn, attn_opt, stream_);
+            copy(la.x_mid.data(), x, N * d);
+            linear(la.attn_out.data(), w.o_proj.data(), la.x_mid.data(), N, H * Dh, d, 1.0f);  // x_mid += o Woᵀ
+            // Feed-forward half: x' = x_mid + down(silu(gate) ⊙ up), gate|up = norm(x_mid) W{gate,up}ᵀ
+            rms_norm_forward(la.x_mid.data(), w.ffn_norm.data(), a.normed.data(), la.rstd_ffn.data(), N, d, eps,
+                             stream_);
+            linear(a.normed.data(), w.gate_proj.data(), la.gate.data(), N, d, F);  // [N, d] -> [N, F]
+            linear(a.normed.data(), w.up_proj.data(), la.up.data(), N, d, F);
+            swiglu_forward(la.gate.data(), la.up.data(), a.ffn_hidden.data(), N * F, stream_);
+            T* x_next = a.residual[l + 1].data();
+            copy(x_next, la.x_mid.data(), N * d);
+            linear(a.ffn_hidden.data(), w.down_proj.data(), x_next, N, F, d, 1.0f);  // x' += h Wdownᵀ
+        }
+
+        // Final norm (all rows; only the text rows reach the head) and the head on the text rows:
+        // logits[b] = norm(x_L)[b, K:S] Wᵀ, [T, d] -> [T, V] per sequence
+        rms_norm_forward(a.residual[layers_.size()].data(), final_norm_.data(), a.final_normed.data(),
+                         a.rstd_final.data(), N, d, eps, stream_);
+        gemm_strided_batched(head_args(false, text, V, d, a.final_normed.data() + K * d, d, head_weight(), d,
+                                       a.logits.data(), V),
+                             {.count = B, .stride_a = S * d, .stride_b = 0, .stride_c = text * V});
+        if (mode != ForwardMode::logits)
+            cross_entropy(a.logits.data(), a.tokens.data() + shape_.text_rows(), a.loss.data(), shape_.text_rows(), V,
+                          {.ignore_index = -100, .write_dlogits = mode == ForwardMode::train, .dloss = 1.0f,
+                           .row_loss = a.row_loss.data(), .stream = stream_});
+        last_mode_ = mode;
+        saved_for_backward_ = mode == ForwardMode::train;
+    }
+
+    // d loss / d P of the last train-mode forward, enqueued on stream(): dprompt: device f32 [K, d],
+    // overwritten. Consumes what the forward saved (the gate and up buffers become their gradients),
+    // so each train forward allows one backward.
+    void enqueue_backward_to_prompt(float* dprompt) {
+        check(saved_for_backward_, "DeviceLlama::backward_to_prompt: needs a ForwardMode::train forward first (",
+              last_mode_ == ForwardMode::train ? "its saved activations were used by an earlier backward"
+                                               : "the last forward did not save activations",
+              ")");
+        check(shape_.prompt_len > 0 && dprompt != nullptr,
+              "DeviceLlama::backward_to_prompt: the reserved shape has no prompt rows (K = ", shape_.prompt_len,
+              ") or dprompt is null");
+        saved_for_backward_ = false;
+        Activations& a = acts_;
+        const std::int64_t B = shape_.batch, S = shape_.positions(), text = shape_.seq, K = shape_.prompt_len;
+        const std::int64_t N = shape_.rows(), d = config_.d_model, F = config_.d_ff, V = config_.vocab_size;
+        const std::int64_t H = config_.n_heads, Hkv = config_.kv_heads(), Dh = config_.head_dim();
+
+        // Head: d norm(x_L)[b, K:S] = dlogits[b] W, [T, V] -> [T, d] (the prompt rows stay 0)
+        gemm_strided_batched(head_args(true, text, d, V, a.logits.data(), V, head_weight(), d,
+                                       a.d_final_normed.data() + K * d, d),
+                             {.count = B, .stride_a = text * V, .stride_b = 0, .stride_c = S * d});
+        T* dx = a.d_residual.data();  // d loss / d x, the residual stream's gradient, from x_L down to x₀
+        rms_norm_backward(a.residual[layers_.size()].data(), final_norm_.data(), a.rstd_final.data(),
+                          a.d_final_normed.data(), dx, nullptr, N, d, stream_);
+
+        const AttentionShape attn{.batch = B, .seq_q = S, .seq_k = S, .heads = H, .kv_heads = Hkv, .head_dim = Dh};
+        const AttentionOptions attn_opt{.causal = true, .prefix = 0, .scale = 0.0f, .kernel = opt_.attention};
+        for (std::size_t l = layers_.size(); l-- > 0;) {
+            const LayerWeights& w = layers_[l];
+            LayerActivations& la = a.layer[l];
+            // Feed-forward half, x' = x_mid + down(swiglu(gate, up)): dx_mid = dx' + normᵀ(d gate Wg + d up Wu)
+            linear_dgrad(dx, w.down_proj.data(), a.d_ffn_hidden.data(), N, F, d);  // [N, d] -> [N, F]
+            swiglu_backward(la.gate.data(), la.up.data(), a.d_ffn_hidden.data(), la.gate.data(), la.up.data(), N * F,
+                            stream_);  // in place: gate, up now hold d gate, d up
+            linear_dgrad(la.gate.data(), w.gate_proj.data(), a.d_normed.data(), N, d, F);  // [N, F] -> [N, d]
+            linear_dgrad(la.up.data(), w.up_proj.data(), a.d_normed.data(), N, d, F, 1.0f);
+            rms_norm_backward(la.x_mid.data(), w.ffn_norm.data(), la.rstd_ffn.data(), a.d_normed.data(),
+                              a.d_norm_input.data(), nullptr, N, d, stream_);
+            add(dx, a.d_norm_input.data(), N * d);
+            // Attention half, x_mid = x + o_proj(attn): dx = dx_mid + normᵀ(dq Wq + dk Wk + dv Wv)
+            linear_dgrad(dx, w.o_proj.data(), a.d_attn_out.data(), N, H * Dh, d);  // [N, d] -> [B, S, H, Dh]
+            attention_backward<T>({.q = la.q.data(), .k = la.k.data(), .v = la.v.data(), .out = la.attn_out.data(),
+                                   .grad_out = a.d_attn_out.data(), .lse = la.lse.data(), .delta = a.delta.data(),
+                                   .dq = a.dq.data(), .dk = a.dk.data(), .dv = a.dv.data()},
+                                  attn, attn_opt, stream_);
+            rope_backward(a.dq.data(), a.dq.data(), a.rope.data(), B, S, H, Dh, RopeStyle::half, stream_);
+            rope_backward(a.dk.data(), a.dk.data(), a.rope.data(), B, S, Hkv, Dh, RopeStyle::half, stream_);
+            linear_dgrad(a.dq.data(), w.q_proj.data(), a.d_normed.data(), N, d, H * Dh);  // [N, H·Dh] -> [N, d]
+            linear_dgrad(a.dk.data(), w.k_proj.data(), a.d_normed.data(), N, d, Hkv * Dh, 1.0f);
+            linear_dgrad(a.dv.data(), w.v_proj.data(), a.d_normed.data(), N, d, Hkv * Dh, 1.0f);
+            rms_norm_backward(a.residual[l].data(), w.attn_norm.data(), la.rstd_attn.data(), a.d_normed.data(),
+                              a.d_norm_input.data(), nullptr, N, d, stream_);
+            add(dx, a.d_norm_input.data(), N * d);
+        }
+        // dP = Σ_b dx₀[b, 0:K]
+        llama_detail::prompt_gradient_kernel<<<elementwise_blocks(K * d), elementwise_threads, 0, stream_>>>(
+            dx, dprompt, static_cast<int>(B), S * d, K * d);
+        check_launch("DeviceLlama prompt gradient", "[", K, ", ", d, "]");
+    }
+
+    // Blocking conveniences (tests, evaluation loops) over the enqueue_* calls.
+    // ids, targets: [B, T] (shape reserved) -> the mean loss (read back when read_loss, else NaN; it
+    // stays on the device in loss_device()).
+    float forward(std::span<const std::int32_t> ids, std::span<const std::int32_t> targets, const float* prompt,
+                  ForwardMode mode = ForwardMode::train, bool read_loss = true) {
+        check(mode != ForwardMode::logits && !targets.empty(),
+              "DeviceLlama::forward: the loss needs targets and a loss or train mode (forward_logits gives logits)");
+        set_batch(ids, targets);
+        enqueue_forward(prompt, mode);
+        return read_loss ? loss() : NAN;
+    }
+    // ids: [B, T] -> device logits [B, T, vocab] of type T (valid until the next forward)
+    const T* forward_logits(std::span<const std::int32_t> ids, const float* prompt) {
+        set_batch(ids, {});
+        enqueue_forward(prompt, ForwardMode::logits);
+        return acts_.logits.data();
+    }
+    // dprompt: device f32 [K, d]
+    void backward_to_prompt(float* dprompt) { enqueue_backward_to_prompt(dprompt); }
+
+    // The last loss, read back (synchronises the stream).
+    [[nodiscard]] float loss() const {
+        check(acts_.reserved && last_mode_ != ForwardMode::logits, "DeviceLlama::loss: no loss computed yet");
+        float v = 0.0f;
+        check_cuda(cudaMemcpyAsync(&v, acts_.loss.data(), sizeof(float), cudaMemcpyDeviceToHost, stream_),
+                   "cudaMemcpyAsync (DeviceLlama::loss)");
+        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::loss)");
+        return v;
+    }
+    [[nodiscard]] const float* loss_device() const { return acts_.loss.data(); }
+    // Logits of the last logits/loss-mode forward as f32 [B, T, vocab] (synchronises).
+    [[nodiscard]] std::vector<float> logits_host() const {
+        check(acts_.reserved && last_mode_ != ForwardMode::train,
+              "DeviceLlama::logits_host: the last forward was a train forward (its logits became gradients)");
+        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::logits_host)");
+        std::vector<T> raw(acts_.logits.size());
+        acts_.logits.download(raw);
+        std::vector<float> out(raw.size());
+        for (std::size_t i = 0; i < raw.size(); ++i) out[i] = to_f32(raw[i]);
+        return out;
+    }
+
+private:
+    struct LayerWeights {
+        DeviceBuffer<float> attn_norm, ffn_norm;                                  // [d]
+        DeviceBuffer<T> q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;  // [out, in]
+    };
+    // Saved by a forward for backward_to_prompt (N = B·S rows).
+    struct LayerActivations {
+        DeviceArray<T> x_mid;                     // [N, d] residual after attention (the FFN norm's input)
+        DeviceArray<T> q, k, v;                   // [B, S, H|Hkv, Dh] q, k roped, as attention read them
+        DeviceArray<T> attn_out;                  // [B, S, H, Dh]
+        DeviceArray<float> lse;                   // [B, H, S] attention row logsumexp
+        DeviceArray<float> rstd_attn, rstd_ffn;   // [N] 1/rms of the norms' inputs
+        DeviceArray<T> gate, up;                  // [N, F] (their gradients after the backward)
+    };
+    struct Activations {
+        bool reserved = false;
+        std::vector<DeviceArray<T>> residual;     // L + 1 of [N, d]: residual[l] is block l's input
+        std::vector<LayerActivations> layer;
+        DeviceArray<T> normed, ffn_hidden;        // scratch [N, d], [N, F]: a norm's output, silu(gate) ⊙ up
+        DeviceArray<T> final_normed;              // [N, d]
+        DeviceArray<float> rstd_final;            // [N]
+        DeviceArray<T> logits;                    // [B, T, V] (train: overwritten by d loss / d logits)
+        DeviceArray<float> row_loss, loss;        // [B·T], [1]
+        DeviceArray<float> rope;                  // [2, S, Dh/2] cos, sin of positions 0..S−1
+        DeviceArray<std::int32_t> tokens;         // [2, B, T]: ids, then targets
+        DeviceArray<T> d_residual;                // [N, d] d loss / d x as the backward walks down
+        DeviceArray<T> d_normed, d_norm_input;    // [N, d] a norm's output and input gradients
+        DeviceArray<T> d_ffn_hidden;              // [N, F]
+        DeviceArray<T> d_attn_out, dq, dk, dv;    // [B, S, H|Hkv, Dh]
+        DeviceArray<float> delta;                 // [B, H, S] attention backward scratch
+        DeviceArray<T> d_final_normed;            // [N, d], prompt rows 0
+        llama_detail::PinnedArray<std::int32_t> staging[2];  // host [2, B, T] upload slots
+    };
+
+    void init_stream() {
+        check(config_.head_dim() == 32 || config_.head_dim() == 64 || config_.head_dim() == 128,
+              "DeviceLlama: head_dim = d_model / n_heads = ", config_.head_dim(),
+              " is not one the attention kernels take (32, 64, 128)");
+        check(device_count() > 0, "DeviceLlama: no CUDA device");
+        check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+        for (cudaEvent_t& e : upload_done_) {
+            check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+            check_cuda(cudaEventRecord(e, stream_), "cudaEventRecord");
+        }
+    }
+
+    [[nodiscard]] std::int64_t weight_values(bool f32_norms) const {
+        const std::int64_t d = config_.d_model;
+        if (f32_norms) return d * (2 * config_.n_layers + 1);
+        std::int64_t n = static_cast<std::int64_t>(embed_tokens_.size() + lm_head_.size());
+        for (const LayerWeights& l : layers_)
+            n += static_cast<std::int64_t>(l.q_proj.size() + l.k_proj.size() + l.v_proj.size() + l.o_proj.size() +
+                                           l.gate_proj.size() + l.up_proj.size() + l.down_proj.size());
+        return n;
+    }
+
+    [[nodiscard]] const T* head_weight() const {
+        return config_.tie_embeddings ? embed_tokens_.data() : lm_head_.data();
+    }
+
+    [[nodiscard]] GemmCompute compute() const { return dtype == DType::f32 ? opt_.compute : GemmCompute::f32; }
+
+    // The head GEMMs, batched over the sequences: forward (trans_b: logits = h Wᵀ) or backward (dh = dlogits W).
+    [[nodiscard]] GemmArgs head_args(bool backward, std::int64_t m, std::int64_t n, std::int64_t k, const T* a,
+                                     std::int64_t lda, const T* b, std::int64_t ldb, T* c, std::int64_t ldc) const {
+        return {.trans_a = false, .trans_b = !backward, .m = m, .n = n, .k = k, .alpha = 1.0f, .beta = 0.0f,
+                .a = a, .lda = lda, .b = b, .ldb = ldb, .c = c, .ldc = ldc, .ab_type = dtype, .c_type = dtype,
+                .compute = compute(), .stream = stream_};
+    }
+
+    // y = x wᵀ + beta·y (nn::Linear). x: [rows, in], w: [out, in] -> y: [rows, out]
+    void linear(const T* x, const T* w, T* y, std::int64_t rows, std::int64_t in, std::int64_t out,
+                float beta = 0.0f) const {
+        gemm({.trans_a = false, .trans_b = true, .m = rows, .n = out, .k = in, .alpha = 1.0f, .beta = beta, .a = x,
+              .lda = in, .b = w, .ldb = in, .c = y, .ldc = out, .ab_type = dtype, .c_type = dtype,
+              .compute = compute(), .stream = stream_});
+    }
+    // dx = dy w + beta·dx: the input gradient of y = x wᵀ (the only GEMM a frozen weight needs).
+    // dy: [rows, out], w: [out, in] -> dx: [rows, in]
+    void linear_dgrad(const T* dy, const T* w, T* dx, std::int64_t rows, std::int64_t in, std::int64_t out,
+                      float beta = 0.0f) const {
+        gemm({.trans_a = false, .trans_b = false, .m = rows, .n = in, .k = out, .alpha = 1.0f, .beta = beta, .a = dy,
+              .lda = out, .b = w, .ldb = in, .c = dx, .ldc = in, .ab_type = dtype, .c_type = dtype,
+              .compute = compute(), .stream = stream_});
+    }
+    void copy(T* dst, const T* src, std::int64_t n) const {
+        check_cuda(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(n) * sizeof(T), cudaMemcpyDeviceToDevice, stream_),
+                   "cudaMemcpyAsync (DeviceLlama residual copy)");
+    }
+    // y += x. y, x: [n]
+    void add(T* y, const T* x, std::int64_t n) const {
+        llama_detail::add_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream_>>>(y, x, n);
+        check_launch("DeviceLlama residual gradient add", "[", n, "]");
+    }
+
+    nn::ModelConfig config_;
+    LlamaOptions opt_;
+    cudaStream_t stream_ = nullptr;
+    cudaEvent_t upload_done_[2] = {nullptr, nullptr};
+    int next_slot_ = 0;
+    DeviceBuffer<T> embed_tokens_, lm_head_;  // [vocab, d]; lm_head empty when tied
+    DeviceBuffer<float> final_norm_;          // [d]
+    std::vector<LayerWeights> layers_;
+    LlamaRunShape shape_{};
+    Activations acts_;
+    std::uint64_t generation_ = 0;
+    ForwardMode last_mode_ = ForwardMode::logits;
+    bool saved_for_backward_ = false;
+};
+
+}  // namespace mopt::backend::cuda

@@ -1,0 +1,208 @@
+#pragma once
+// PromptTuner: prompt tuning (Lester et al. 2021) of a frozen DeviceLlama on the GPU. The prompt
+// P [K, d] is the only trained value; it keeps an f32 master copy (the forward rounds it to the
+// model's type as it builds x₀) and its AdamW moments on the device. One step:
+//
+//   upload ids, targets  ->  forward (train)  ->  backward_to_prompt: g = d loss / d P  ->  AdamW on P
+//
+// AdamW (Loshchilov & Hutter 2019) exactly as mopt/train/adamw.hpp, in one fused element-wise
+// kernel: m = β₁m + (1 − β₁)g, v = β₂v + (1 − β₂)g², P −= lr·((m/(1 − β₁ᵗ)) / (√(v/(1 − β₂ᵗ)) + ε) + λP).
+// The step count t lives on the device (a one-thread kernel advances it after the update), so a
+// captured step replays with the right bias correction. No gradient clipping.
+//
+// CUDA graph: with use_graph(true), the first step runs eagerly (it warms the allocator's cache,
+// cuBLAS and the kernels' attributes), the second is captured (stream capture of the model's stream)
+// and replayed, and every later step replays it: one cudaGraphLaunch instead of ~25 launches per
+// layer. The ids/targets upload stays outside the graph (a cudaMemcpyAsync before the launch). The
+// graph holds raw pointers: reserve() of another shape, set_options() or set_prompt() of another
+// size drop it and it is captured again.
+//
+// Memory the graph uses without owning: cross_entropy allocates its 4-byte target count inside the
+// step and frees it at the end. Captured, that block is baked into the graph but back in the
+// allocator's cache, where a later allocation on the stream could take it and hold it across a
+// replay. So after capturing, the tuner takes every cached block of that size class on the stream
+// and keeps them as long as the graph lives.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "mopt/backend/cuda/allocator.cuh"
+#include "mopt/backend/cuda/llama.cuh"
+
+namespace mopt::backend::cuda {
+
+// As mopt::train::AdamWOptions.
+struct AdamWOptions {
+    float lr = 1e-3f;
+    float beta1 = 0.9f;
+    float beta2 = 0.999f;
+    float eps = 1e-8f;
+    float weight_decay = 0.01f;
+};
+
+namespace prompt_tuner_detail {
+
+// One AdamW update of w from g, at step *step + 1 (train/adamw.hpp's arithmetic, in f32).
+// w, g, m, v: f32 [n]
+__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, std::int64_t n, const std::int64_t* step,
+                             AdamWOptions o) {
+    const float t = static_cast<float>(*step + 1);
+    const float bc1 = 1.0f - powf(o.beta1, t), bc2 = 1.0f - powf(o.beta2, t);
+    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+         i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+        const float gi = g[i];
+        const float mi = o.beta1 * m[i] + (1.0f - o.beta1) * gi;
+        const float vi = o.beta2 * v[i] + (1.0f - o.beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        const float update = (mi / bc1) / (sqrtf(vi / bc2) + o.eps);
+        w[i] -= o.lr * (update + o.weight_decay * w[i]);
+    }
+}
+
+__global__ void advance_step_kernel(std::int64_t* step) { *step += 1; }
+
+}  // namespace prompt_tuner_detail
+
+template <DeviceFloat T>
+class PromptTuner {
+public:
+    // prompt: host f32 [K, d], the initial prompt (e.g. a CPU SoftPrompt's values); shape.prompt_len = K.
+    PromptTuner(DeviceLlama<T>& model, const LlamaRunShape& shape, std::span<const float> prompt,
+                AdamWOptions opt = {})
+        : model_(model), shape_(shape), opt_(opt) {
+        check(shape.prompt_len >= 1, "PromptTuner: the shape needs prompt rows (prompt_len = ", shape.prompt_len, ")");
+        model_.reserve(shape_);
+        const std::size_t n = static_cast<std::size_t>(shape.prompt_len * model.config().d_model);
+        cudaStream_t s = model_.stream();
+        prompt_ = DeviceArray<float>(n, s);
+        grad_ = DeviceArray<float>(n, s);
+        m_ = DeviceArray<float>(n, s);
+        v_ = DeviceArray<float>(n, s);
+        step_ = DeviceArray<std::int64_t>(1, s);
+        set_prompt(prompt);
+    }
+    PromptTuner(const PromptTuner&) = delete;
+    PromptTuner& operator=(const PromptTuner&) = delete;
+    ~PromptTuner() { drop_graph(); }
+
+    // Replaces the prompt and restarts AdamW (zero moments, step 0). prompt: host f32 [K, d]
+    void set_prompt(std::span<const float> prompt) {
+        check(prompt.size() == prompt_.size(), "PromptTuner::set_prompt: ", prompt.size(), " values for a prompt of [",
+              shape_.prompt_len, ", ", model_.config().d_model, "]");
+        check_cuda(cudaStreamSynchronize(model_.stream()), "cudaStreamSynchronize (PromptTuner::set_prompt)");
+        prompt_.upload(prompt);  // a blocking copy on the legacy stream, which the model's stream does not wait for
+        check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (PromptTuner::set_prompt)");
+        m_.zero(model_.stream());
+        v_.zero(model_.stream());
+        step_.zero(model_.stream());
+        grad_.zero(model_.stream());
+        steps_ = 0;
+        check_cuda(cudaStreamSynchronize(model_.stream()), "cudaStreamSynchronize (PromptTuner::set_prompt)");
+    }
+    // New hyper-parameters (a learning-rate schedule): take effect at the next step (recapture).
+    void set_options(const AdamWOptions& opt) {
+        opt_ = opt;
+        drop_graph();
+    }
+    // Steps replay a captured CUDA graph (from the second step on) when on.
+    void use_graph(bool on = true) {
+        use_graph_ = on;
+        if (!on) drop_graph();
+    }
+
+    // One prompt-tuning step on ids, targets: i32 [B, T]. Asynchronous: loss() reads its loss.
+    void step(std::span<const std::int32_t> ids, std::span<const std::int32_t> targets) {
+        check(!targets.empty(), "PromptTuner::step: targets are empty");
+        model_.reserve(shape_);  // a no-op unless someone reserved another shape on the model
+        if (graph_ && generation_ != model_.generation()) drop_graph();
+        model_.set_batch(ids, targets);
+        if (use_graph_ && !graph_ && steps_ >= 1) capture();
+        if (graph_)
+            check_cuda(cudaGraphLaunch(graph_, model_.stream()), "cudaGraphLaunch (PromptTuner::step)");
+        else
+            enqueue_step();
+        ++steps_;
+    }
+
+    [[nodiscard]] float loss() const { return model_.loss(); }  // the last step's loss (synchronises)
+    [[nodiscard]] std::int64_t steps() const { return steps_; }
+    [[nodiscard]] bool graph_captured() const { return graph_ != nullptr; }
+    [[nodiscard]] const float* prompt_device() const { return prompt_.data(); }
+    [[nodiscard]] const float* gradient_device() const { return grad_.data(); }
+    // Host copies (synchronise): the prompt after the last step and the gradient that step used.
+    [[nodiscard]] std::vector<float> prompt() const { return download(prompt_); }
+    [[nodiscard]] std::vector<float> gradient() const { return download(grad_); }
+    [[nodiscard]] const LlamaRunShape& shape() const { return shape_; }
+    [[nodiscard]] const AdamWOptions& options() const { return opt_; }
+
+private:
+    // forward + backward_to_prompt + AdamW, all on the model's stream.
+    void enqueue_step() {
+        model_.enqueue_forward(prompt_.data(), ForwardMode::train);
+        model_.enqueue_backward_to_prompt(grad_.data());
+        const auto n = static_cast<std::int64_t>(prompt_.size());
+        prompt_tuner_detail::adamw_kernel<<<elementwise_blocks(n), elementwise_threads, 0, model_.stream()>>>(
+            prompt_.data(), grad_.data(), m_.data(), v_.data(), n, step_.data(), opt_);
+        prompt_tuner_detail::advance_step_kernel<<<1, 1, 0, model_.stream()>>>(step_.data());
+        check_launch("PromptTuner AdamW", "[", n, "]");
+    }
+
+    void capture() {
+        cudaStream_t s = model_.stream();
+        cudaGraph_t graph = nullptr;
+        check_cuda(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+        try {
+            enqueue_step();
+        } catch (...) {
+            (void)cudaStreamEndCapture(s, &graph);
+            if (graph) (void)cudaGraphDestroy(graph);
+            throw;
+        }
+        check_cuda(cudaStreamEndCapture(s, &graph), "cudaStreamEndCapture (PromptTuner)");
+        const cudaError_t status = cudaGraphInstantiate(&graph_, graph, 0);
+        (void)cudaGraphDestroy(graph);
+        check_cuda(status, "cudaGraphInstantiate (PromptTuner)");
+        generation_ = model_.generation();
+        // Hold the step's transient blocks (see the header): every cached block a 4-byte request
+        // could be given, until the allocator has none left and calls cudaMalloc.
+        Allocator& alloc = Allocator::instance();
+        for (;;) {
+            const std::size_t mallocs = alloc.stats().cuda_malloc_calls;
+            held_.emplace_back(sizeof(int), s);
+            if (alloc.stats().cuda_malloc_calls != mallocs) break;
+        }
+    }
+
+    void drop_graph() {
+        if (graph_) {
+            (void)cudaStreamSynchronize(model_.stream());
+            (void)cudaGraphExecDestroy(graph_);
+            graph_ = nullptr;
+        }
+        held_.clear();
+    }
+
+    static std::vector<float> download(const DeviceArray<float>& a) {
+        check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (PromptTuner download)");
+        std::vector<float> out(a.size());
+        a.download(out);
+        return out;
+    }
+
+    DeviceLlama<T>& model_;
+    LlamaRunShape shape_;
+    AdamWOptions opt_;
+    DeviceArray<float> prompt_, grad_, m_, v_;  // f32 [K, d]: master prompt, its gradient, AdamW moments
+    DeviceArray<std::int64_t> step_;             // AdamW steps taken (device)
+    std::int64_t steps_ = 0;                     // steps enqueued (host)
+    bool use_graph_ = false;
+    cudaGraphExec_t graph_ = nullptr;
+    std::uint64_t generation_ = 0;
+    std::vector<DeviceBlock> held_;
+};
+
+}  // namespace mopt::backend::cuda

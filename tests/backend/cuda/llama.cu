@@ -1,0 +1,152 @@
+// DeviceLlama and PromptTuner against mopt's CPU Transformer<Llama> with a SoftPrompt (through the
+// g++-compiled llama_reference.cpp) on a tiny GQA model: d = 128, 2 layers, 4 heads over 2 kv
+// heads (head_dim 32, the smallest the attention kernels take), FFN 256, vocab 97, B = 2, T = 19,
+// K = 5. Logits, loss and d loss / d prompt match the tape's to 1e-4 in f32 and 1e-2 in bf16
+// (normwise relative); AdamW steps on the prompt match train::AdamW; a CUDA-graph replay matches
+// the eager steps; steps after the first allocate nothing.
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <span>
+#include <vector>
+
+#include <mopt/backend/cuda/llama.cuh>
+#include <mopt/backend/cuda/prompt_tuner.cuh>
+
+#include "cuda_test.cuh"
+#include "llama_reference.hpp"
+
+namespace {
+
+namespace cuda = mopt::backend::cuda;
+using mopt::cuda_test::LlamaCase;
+using mopt::cuda_test::LlamaReference;
+
+double scalar_error(double got, double want) { return std::abs(got - want) / std::max(std::abs(want), 1e-30); }
+
+cuda::LlamaRunShape shape_of(const LlamaCase& c) {
+    return {.batch = c.batch, .seq = c.seq, .prompt_len = c.prompt_len};
+}
+
+cuda::DeviceArray<float> device_prompt(const std::vector<float>& p) {
+    cuda::DeviceArray<float> a(p.size());
+    a.upload(p);
+    cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");  // the model's stream does not wait for it
+    return a;
+}
+
+std::vector<float> download(const cuda::DeviceArray<float>& a) {
+    cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    std::vector<float> out(a.size());
+    a.download(out);
+    return out;
+}
+
+// The forward in logits and loss mode and the prompt gradient of a train forward, against the CPU.
+template <class T>
+void check_against_cpu(const LlamaCase& c, double tol) {
+    const LlamaReference ref = mopt::cuda_test::llama_reference(c);
+    cuda::DeviceLlama<T> model(ref.weights);
+    model.reserve(shape_of(c));
+    cuda::DeviceArray<float> prompt = device_prompt(ref.prompt);
+
+    model.forward_logits(ref.ids, prompt.data());
+    CUDA_CHECK_CLOSE(model.logits_host(), ref.logits, tol, "logits");
+    const float eval_loss = model.forward(ref.ids, ref.targets, prompt.data(), cuda::ForwardMode::loss);
+    CUDA_CHECK(scalar_error(eval_loss, ref.loss) <= tol, "evaluation loss ", eval_loss, " vs CPU ", ref.loss);
+
+    const float train_loss = model.forward(ref.ids, ref.targets, prompt.data(), cuda::ForwardMode::train);
+    CUDA_CHECK(scalar_error(train_loss, ref.loss) <= tol, "train loss ", train_loss, " vs CPU ", ref.loss);
+    cuda::DeviceArray<float> grad(ref.prompt.size());
+    model.backward_to_prompt(grad.data());
+    CUDA_CHECK_CLOSE(download(grad), ref.prompt_grad, tol, "d loss / d prompt");
+
+    bool threw = false;  // the backward consumed the saved activations
+    try {
+        model.backward_to_prompt(grad.data());
+    } catch (const mopt::Error&) {
+        threw = true;
+    }
+    CUDA_CHECK(threw, "a second backward after one train forward must be refused");
+}
+
+}  // namespace
+
+MOPT_CUDA_TEST(llama_f32_matches_cpu_untied) { check_against_cpu<float>(LlamaCase{}, 1e-4); }
+
+MOPT_CUDA_TEST(llama_f32_matches_cpu_tied) { check_against_cpu<float>(LlamaCase{.tie_embeddings = true}, 1e-4); }
+
+MOPT_CUDA_TEST(llama_bf16_matches_cpu) {
+    check_against_cpu<__nv_bfloat16>(LlamaCase{.bf16_weights = true}, 1e-2);
+    check_against_cpu<__nv_bfloat16>(LlamaCase{.tie_embeddings = true, .bf16_weights = true, .seed = 5}, 1e-2);
+}
+
+// Three steps of forward + backward + AdamW on the same batch: the per-step losses and the final
+// prompt equal train::AdamW's on the CPU; from the second step on, no cudaMalloc.
+MOPT_CUDA_TEST(prompt_tuner_f32_adamw_matches_cpu) {
+    const LlamaCase c{.adamw_steps = 3, .lr = 1e-2f, .weight_decay = 0.01f};
+    const LlamaReference ref = mopt::cuda_test::llama_reference(c);
+    cuda::DeviceLlama<float> model(ref.weights);
+    cuda::PromptTuner<float> tuner(model, shape_of(c), ref.prompt, {.lr = c.lr, .weight_decay = c.weight_decay});
+    std::size_t mallocs_after_first = 0;
+    for (int s = 0; s < c.adamw_steps; ++s) {
+        tuner.step(ref.ids, ref.targets);
+        const float loss = tuner.loss();
+        CUDA_CHECK(scalar_error(loss, ref.step_losses[s]) <= 1e-4, "step ", s + 1, " loss ", loss, " vs CPU ",
+                   ref.step_losses[s]);
+        if (s == 0) mallocs_after_first = cuda::Allocator::instance().stats().cuda_malloc_calls;
+    }
+    CUDA_CHECK_CLOSE(tuner.prompt(), ref.tuned_prompt, 1e-4, "prompt after 3 AdamW steps");
+    CUDA_CHECK(cuda::Allocator::instance().stats().cuda_malloc_calls == mallocs_after_first,
+               "steps after the first called cudaMalloc ",
+               cuda::Allocator::instance().stats().cuda_malloc_calls - mallocs_after_first, " times");
+}
+
+// bf16: one step's AdamW update equals train/adamw.hpp's formula on the gradient the GPU computed;
+// then a tuner replaying a CUDA graph follows the eager tuner step for step, without cudaMalloc.
+MOPT_CUDA_TEST(prompt_tuner_bf16_graph_replays_eager_steps) {
+    const LlamaCase c{.bf16_weights = true};
+    const LlamaReference ref = mopt::cuda_test::llama_reference(c);
+    cuda::DeviceLlama<__nv_bfloat16> model(ref.weights);
+    const cuda::AdamWOptions opt{.lr = 5e-3f, .weight_decay = 0.1f};
+
+    cuda::PromptTuner<__nv_bfloat16> eager(model, shape_of(c), ref.prompt, opt);
+    eager.step(ref.ids, ref.targets);
+    {
+        const std::vector<float> g = eager.gradient(), got = eager.prompt();
+        std::vector<float> want(ref.prompt);
+        const float bc1 = 1.0f - std::pow(opt.beta1, 1.0f), bc2 = 1.0f - std::pow(opt.beta2, 1.0f);
+        for (std::size_t i = 0; i < want.size(); ++i) {
+            const float m = (1.0f - opt.beta1) * g[i], v = (1.0f - opt.beta2) * g[i] * g[i];
+            want[i] -= opt.lr * ((m / bc1) / (std::sqrt(v / bc2) + opt.eps) + opt.weight_decay * want[i]);
+        }
+        CUDA_CHECK_CLOSE(got, want, 1e-6, "AdamW step 1 against the CPU formula on the GPU gradient");
+    }
+    std::vector<std::vector<float>> eager_prompts;
+    std::vector<float> eager_losses;
+    eager_losses.push_back(eager.loss());
+    eager_prompts.push_back(eager.prompt());
+    for (int s = 1; s < 5; ++s) {
+        eager.step(ref.ids, ref.targets);
+        eager_losses.push_back(eager.loss());
+        eager_prompts.push_back(eager.prompt());
+    }
+
+    cuda::PromptTuner<__nv_bfloat16> graphed(model, shape_of(c), ref.prompt, opt);
+    graphed.use_graph();
+    std::size_t mallocs = 0;
+    for (int s = 0; s < 5; ++s) {
+        graphed.step(ref.ids, ref.targets);
+        CUDA_CHECK(graphed.graph_captured() == (s >= 1), "step ", s + 1, ": graph captured = ",
+                   graphed.graph_captured());
+        if (s == 1) mallocs = cuda::Allocator::instance().stats().cuda_malloc_calls;
+        const float loss = graphed.loss();
+        CUDA_CHECK(scalar_error(loss, eager_losses[s]) <= 1e-6, "step ", s + 1, " loss ", loss, " vs eager ",
+                   eager_losses[s]);
+        CUDA_CHECK_CLOSE(graphed.prompt(), eager_prompts[s], 1e-6, "prompt of the graph replay");
+    }
+    CUDA_CHECK(cuda::Allocator::instance().stats().cuda_malloc_calls == mallocs,
+               "graph replays called cudaMalloc");
+    CUDA_CHECK(eager_losses.back() < eager_losses.front(), "the loss did not fall over 5 steps: ",
+               eager_losses.front(), " -> ", eager_losses.back());
+}

@@ -1,0 +1,101 @@
+// The CPU side of tests/backend/cuda/llama.cu (see llama_reference.hpp).
+#include "llama_reference.hpp"
+
+#include <bit>
+#include <cmath>
+#include <random>
+
+// linear_role.hpp first: it names detail::concat inside mopt::nn, which is ambiguous once
+// linear_observer.hpp has opened mopt::nn::detail (the order transformer.hpp includes them in).
+#include <mopt/nn/linear_role.hpp>
+
+#include <mopt/autodiff/tape.hpp>
+#include <mopt/nn/transformer.hpp>
+#include <mopt/prompt/soft_prompt.hpp>
+#include <mopt/train/adamw.hpp>
+
+namespace mopt::cuda_test {
+
+namespace {
+
+using Model = nn::Transformer<nn::Llama, nn::Llama::FFN, compress::None, prompt::SoftPrompt>;
+
+// Round to the nearest bf16 (ties to even), kept in a float.
+float round_bf16(float x) {
+    std::uint32_t u = std::bit_cast<std::uint32_t>(x);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return std::bit_cast<float>(u & 0xffff0000u);
+}
+
+// Weights scaled so every activation is O(1): projections Normal(0, 1/in) (attention scores of
+// unit spread, so the mask and the rotary positions change the result), embeddings Normal(0, 4/d)
+// (logits of spread ~2 through a tied head), norm weights 1 + Normal(0, 0.04).
+void randomize(Model& model, std::uint64_t seed, bool bf16) {
+    std::mt19937_64 rng(seed);
+    model.visit_parameters([&](autodiff::Parameter& p) {
+        const Shape& s = p.shape();
+        const bool embedding = p.name() == "model.embed_tokens.weight" || p.name() == "lm_head.weight";
+        const float mean = s.rank() == 1 ? 1.0f : 0.0f;
+        const float stddev = s.rank() == 1 ? 0.2f
+                             : embedding   ? 2.0f / std::sqrt(static_cast<float>(s[1]))
+                                           : 1.0f / std::sqrt(static_cast<float>(s[1]));
+        std::normal_distribution<float> dist(mean, stddev);
+        for (float& v : p.value().span()) v = bf16 ? round_bf16(dist(rng)) : dist(rng);
+    });
+}
+
+}  // namespace
+
+LlamaReference llama_reference(const LlamaCase& c) {
+    nn::ModelConfig config;
+    config.vocab_size = c.vocab;
+    config.d_model = c.d_model;
+    config.n_layers = c.n_layers;
+    config.n_heads = c.n_heads;
+    config.n_kv_heads = c.n_kv_heads;
+    config.d_ff = c.d_ff;
+    config.tie_embeddings = c.tie_embeddings;
+    config.max_seq = 256;
+    Model model(config, c.seed);
+    randomize(model, c.seed + 7, c.bf16_weights);
+    model.init_prompt({.length = c.prompt_len, .init = prompt::PromptInit::uniform, .seed = c.seed + 3});
+    model.set_trainable(false);
+    autodiff::Parameter& prompt = model.prompt().prompt;
+    if (c.bf16_weights)
+        for (float& v : prompt.value().span()) v = round_bf16(v);
+
+    LlamaReference r;
+    r.weights = backend::cuda::llama_host_weights(model);
+    r.prompt = prompt.value().to_vector();
+    std::mt19937_64 rng(c.seed + 11);
+    std::uniform_int_distribution<std::int32_t> token(0, static_cast<std::int32_t>(c.vocab) - 1);
+    Tensor ids = Tensor::empty({c.batch, c.seq}, DType::i32);
+    for (std::int32_t& v : ids.span<std::int32_t>()) v = token(rng);
+    Tensor targets = nn::next_token_targets(ids);
+    targets.span<std::int32_t>()[static_cast<std::size_t>(c.batch * c.seq / 2)] = -100;  // an ignored middle target
+    r.ids.assign(ids.span<std::int32_t>().begin(), ids.span<std::int32_t>().end());
+    r.targets.assign(targets.span<std::int32_t>().begin(), targets.span<std::int32_t>().end());
+
+    autodiff::Tape tape;
+    {
+        nn::ForwardOutput out = model.forward(tape, ids, {.targets = &targets});
+        r.logits = out.logits.value().to_vector();
+        r.loss = static_cast<float>(out.loss.item());
+        tape.backward(out.loss);
+        r.prompt_grad = prompt.grad().to_vector();
+    }
+
+    train::AdamW opt({&prompt}, {.lr = c.lr, .weight_decay = c.weight_decay});
+    for (int s = 0; s < c.adamw_steps; ++s) {
+        opt.zero_grad();
+        tape.reset();
+        nn::ForwardOutput out = model.forward(tape, ids, {.targets = &targets});
+        r.step_losses.push_back(static_cast<float>(out.loss.item()));
+        tape.backward(out.loss);
+        opt.step();
+    }
+    r.tuned_prompt = prompt.value().to_vector();
+    return r;
+}
+
+}  // namespace mopt::cuda_test
