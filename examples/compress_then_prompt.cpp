@@ -4,7 +4,7 @@
 //   compress_then_prompt [--model models/dense-brown | models/switch-brown] [--brown-dir data/brown]
 //       [--compressions sparsegpt:0.5,sparsegpt:0.625,sparsegpt:0.75,gptq:4,gptq:3,gptq:2,sparsegpt:0.5+gptq:4]
 //       [--prompt-lens 25,50,100] [--transfer-len 100] [--transfer-text FILE] [--steps 300]
-//       [--out DIR] [--json PATH]
+//       [--out DIR] [--prompts-from DIR] [--json PATH]
 //
 // For each compression (examples/experiment.hpp's parse_compression spells them) the base model is
 // compressed (calibrated on Brown train windows), then one soft prompt per length in --prompt-lens is
@@ -18,7 +18,9 @@
 // The experiment as types (the Compression slot takes the recipe at run time):
 //   nn::Transformer<nn::Llama, nn::DenseFFN<…>, compress::Any, prompt::SoftPrompt>
 //   nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryOtherLayer>, compress::Any, prompt::SoftPrompt>
-// --out DIR keeps the prompts (PEFT files, DIR/prompts/<compression>-K<len>/); --json PATH writes
+// --out DIR keeps the prompts (PEFT files, DIR/prompts/<compression>-K<len>/); --prompts-from DIR
+// trains nothing and scores the prompts an earlier run kept there (so the compressions can be trained
+// by separate processes, one each, and the tables made by one run over all); --json PATH writes
 // every number with the settings, wall time and machine (scripts/results reads it).
 #include <chrono>
 #include <cstdio>
@@ -41,7 +43,7 @@ using cli::usage_check;
 namespace {
 
 struct Options {
-    std::string model = "models/dense-brown", brown_dir = "data/brown", out, json, transfer_text;
+    std::string model = "models/dense-brown", brown_dir = "data/brown", out, json, transfer_text, prompts_from;
     std::string compressions = "sparsegpt:0.5,sparsegpt:0.625,sparsegpt:0.75,gptq:4,gptq:3,gptq:2,sparsegpt:0.5+gptq:4";
     std::string prompt_lens = "25,50,100";
     std::int64_t transfer_len = 100, steps = 300, batch = 8, seq_len = 128, eval_windows = 64, calibration_windows = 32;
@@ -106,7 +108,9 @@ int run(const Options& o, Model& dense) {
 
     const fs::path out = o.out.empty() ? fs::temp_directory_path() / ("mopt-ctp-" + std::to_string(std::random_device{}()))
                                        : fs::path(o.out);
-    const auto prompt_dir = [&](const Row& r, std::int64_t k) { return out / "prompts" / (r.name + "-K" + std::to_string(k)); };
+    const auto prompt_dir = [&](const Row& r, std::int64_t k) {
+        return (o.prompts_from.empty() ? out : fs::path(o.prompts_from)) / "prompts" / (r.name + "-K" + std::to_string(k));
+    };
     const Tensor calibration = compress::calibration_windows(d.train, o.calibration_windows, o.seed);
     std::vector<Row> rows;
     std::vector<Model> compressed;  // kept for the transfer matrix
@@ -125,8 +129,13 @@ int run(const Options& o, Model& dense) {
             pc.frequent_ids = d.frequent_ids;
             pc.seed = o.seed;
             m.init_prompt(pc);
-            r.prompted.push_back(experiment::tune_and_score(m, d, {.steps = o.steps, .lr = o.lr}).ppl());
-            io::save_prompt(m.prompt(), prompt_dir(r, k));
+            if (o.prompts_from.empty()) {
+                r.prompted.push_back(experiment::tune_and_score(m, d, {.steps = o.steps, .lr = o.lr}).ppl());
+                io::save_prompt(m.prompt(), prompt_dir(r, k));
+            } else {  // learned by an earlier run (e.g. one process per compression), scored here
+                io::load_prompt(m.prompt(), prompt_dir(r, k));
+                r.prompted.push_back(eval::corpus_perplexity(m, d.test, d.eval_batches).ppl());
+            }
             std::fprintf(stderr, "compress_then_prompt: %s + %lld-token prompt: test ppl %.2f (%.0f s)\n", r.name.c_str(),
                          static_cast<long long>(k), r.prompted.back(), experiment::seconds_since(t0));
             if (k == o.transfer_len) r.ppl_text_prompt = text_ppl(m);
@@ -214,6 +223,7 @@ int run(const Options& o, Model& dense) {
                      {"eval_windows", o.eval_windows},
                      {"calibration_windows", o.calibration_windows},
                      {"seed", o.seed},
+                     {"prompts_from", o.prompts_from},
                      {"seconds", seconds},
                      {"machine", experiment::machine_json()}};
     if (!transfer.empty()) j["transfer"] = {{"prompt_len", o.transfer_len}, {"ppl", transfer}};
@@ -251,6 +261,8 @@ int main(int argc, char** argv) {
              "Brown train windows that calibrate the compression")
             ("seed", po::value(&o.seed)->default_value(o.seed), "seed of batches, calibration and prompt initialisation")
             ("out", po::value(&o.out), "keep the learned prompts here (default: a temporary folder, removed)")
+            ("prompts-from", po::value(&o.prompts_from),
+             "do not train: score the prompts an earlier run kept with --out in this folder (same compressions, lengths)")
             ("json", po::value(&o.json), "write every number as JSON to this file");
         po::variables_map vm;
         if (!cli::parse(argc, argv, opts, vm)) return 0;

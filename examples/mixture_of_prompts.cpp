@@ -6,7 +6,7 @@
 //   mixture_of_prompts [--model models/dense-brown] [--brown-dir data/brown]
 //       [--compressions sparsegpt:0.75,sparsegpt:0.85,sparsegpt:0.9,sparsegpt:2:4,sparsegpt:4:8,sparsegpt:3:4,sparsegpt:7:8]
 //       [--experts 7 --per-expert 4 --inject-layer 1] [--steps 300 --gate-steps 30]
-//       [--settings central,federated] [--clients 100 --active 10 --rounds 20 --local-steps 5]
+//       [--settings central,federated] [--clients 100 --active 10 --rounds 10 --local-steps 3]
 //       [--ablate-layers 0,1,2,3] [--ablate-per-expert 1,2,4,8] [--out DIR] [--json PATH]
 //
 // N:M is written as the number of weights ZEROED in every group of M (2:4 and 4:8 are 50% sparse,
@@ -20,12 +20,14 @@
 //   gain      baseline perplexity − MoPs perplexity (positive: MoPs better), and in % of baseline.
 // Central: AdamW over the Brown train windows. Federated: FedAvg over --clients clients holding a
 // skewed non-i.i.d. split (each genre's big partition on one client, Dun et al. App. A), --active a
-// round, --local-steps each (the gate pretrained in the first rounds).
+// round, --local-steps each (the gate pretrained in the first rounds); the defaults give the
+// federated runs as many client steps (10 rounds x 10 clients x 3) as the central runs have steps.
 // Tables: Brown test perplexity per compression, central and federated (shaped like the paper's
 // Tables 2 and 3); the effect of L_int (--ablate-layers) and of prompts per expert
 // (--ablate-per-expert) on the first compression, centrally (Figs. 3–4). --out DIR gets the gate
 // heatmaps before and after training per compression (gates_before.png / gates.png, Fig. 5);
 // --json PATH every number, the settings, the wall time and the machine.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -52,10 +54,11 @@ struct Options {
     std::string compressions = "sparsegpt:0.75,sparsegpt:0.85,sparsegpt:0.9,sparsegpt:2:4,sparsegpt:4:8,sparsegpt:3:4,sparsegpt:7:8";
     std::string settings = "central,federated", ablate_layers = "0,1,2,3", ablate_per_expert = "1,2,4,8";
     std::int64_t experts = 7, per_expert = 4, inject_layer = 1, gate_dim = 64, steps = 300, gate_steps = 30;
-    std::int64_t clients = 100, active = 10, rounds = 20, local_steps = 5, skew = 15;
+    std::int64_t clients = 100, active = 10, rounds = 10, local_steps = 3, skew = 15;
     std::int64_t batch = 8, seq_len = 128, eval_windows = 64, calibration_windows = 32;
     float lr = 0.03f;
     std::uint64_t seed = 0;
+    bool ablation_only = false;
 };
 
 // Baseline and MoPs perplexity of one compression in one setting.
@@ -104,6 +107,13 @@ public:
         return pc;
     }
     [[nodiscard]] std::int64_t gate_steps() const { return o_.experts == d_.domains() ? o_.gate_steps : 0; }
+    // Federated runs pretrain the gate for the same share of their rounds as central runs of their
+    // steps (at least one round when central runs pretrain it at all).
+    [[nodiscard]] std::int64_t federated_gate_rounds(std::int64_t gate) const {
+        if (gate == 0 || o_.rounds < 2) return 0;
+        const double share = static_cast<double>(gate) / static_cast<double>(gate + o_.steps);
+        return std::clamp<std::int64_t>(std::llround(share * static_cast<double>(o_.rounds)), 1, o_.rounds - 1);
+    }
 
     // Trains the model's prompt (already initialised) in `setting` and returns the test perplexity.
     template <class Model>
@@ -117,7 +127,7 @@ public:
         const train::PromptClientOptions co{.local_steps = o_.local_steps,
                                             .batch_size = o_.batch,
                                             .lr = o_.lr,
-                                            .gate_rounds = (gate + o_.local_steps - 1) / o_.local_steps,
+                                            .gate_rounds = federated_gate_rounds(gate),
                                             .seed = o_.seed};
         train::tune_prompt_federated(model, d_.train, &d_.val, split, fo, co,
                                      std::max<std::int64_t>(1, o_.rounds / 4), /*eval_batches=*/4);
@@ -203,7 +213,7 @@ int run(const Options& o, Mop& dense) {
                      ppl_dense);
         mop.save(work / "compressed");
         auto base = Experiment<Mop>::Baseline::load(work / "compressed");
-        for (std::size_t s = 0; s < settings.size(); ++s) {
+        for (std::size_t s = 0; s < settings.size() && !o.ablation_only; ++s) {
             const fs::path maps = o.out.empty() || settings[s] != "central"
                                       ? fs::path()
                                       : fs::path(o.out) / experiment::short_name(recipes[c]);
@@ -232,7 +242,7 @@ int run(const Options& o, Mop& dense) {
     std::printf("baseline: %lld prompt vectors at layer %lld, no gate; MoPs: %lld experts x %lld at layer %lld, gated\n",
                 static_cast<long long>(o.experts * o.per_expert), static_cast<long long>(o.inject_layer),
                 static_cast<long long>(o.experts), static_cast<long long>(o.per_expert), static_cast<long long>(o.inject_layer));
-    for (std::size_t s = 0; s < settings.size(); ++s) {
+    for (std::size_t s = 0; s < settings.size() && !o.ablation_only; ++s) {
         const std::string title =
             settings[s] == "central"
                 ? mopt::detail::concat("Centralized (", o.steps, " steps)")
@@ -257,7 +267,7 @@ int run(const Options& o, Mop& dense) {
     for (std::size_t c = 0; c < recipes.size(); ++c) {
         nlohmann::json r{{"name", experiment::short_name(recipes[c])}, {"description", names[c]},
                          {"compression", recipes[c].to_json()}, {"ppl_compressed", compressed[c]}};
-        for (std::size_t s = 0; s < settings.size(); ++s) r[settings[s]] = by_setting[s][c].json();
+        for (std::size_t s = 0; s < settings.size() && !o.ablation_only; ++s) r[settings[s]] = by_setting[s][c].json();
         rows.push_back(r);
     }
     cli::write_json(o.json, {{"experiment", "mixture_of_prompts"},
@@ -266,7 +276,7 @@ int run(const Options& o, Mop& dense) {
                              {"ppl_dense", ppl_dense},
                              {"rows", rows},
                              {"ablation", ablation},
-                             {"settings", settings},
+                             {"settings", o.ablation_only ? std::vector<std::string>{} : settings},
                              {"experts", o.experts},
                              {"per_expert", o.per_expert},
                              {"inject_layer", o.inject_layer},
@@ -323,6 +333,8 @@ int main(int argc, char** argv) {
             ("calibration-windows", po::value(&o.calibration_windows)->default_value(o.calibration_windows),
              "Brown train windows that calibrate the pruning")
             ("seed", po::value(&o.seed)->default_value(o.seed), "seed of batches, calibration, split and prompts")
+            ("ablation-only", po::bool_switch(&o.ablation_only),
+             "run only the ablations (on the first compression), not the settings' tables: to spread a sweep over processes")
             ("out", po::value(&o.out), "write gate heatmaps (before/after, per compression) here")
             ("json", po::value(&o.json), "write every number as JSON to this file");
         po::variables_map vm;

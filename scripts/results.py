@@ -115,7 +115,9 @@ if any(ctp.values()):
                 print(f"| {r['compression']['description']} | {x['ppl_compressed']:.2f} | {x['ppl_prompt']:.2f} |")
             better = sum(1 for r in j["rows"] if r["transfer_text"]["ppl_prompt"] < r["transfer_text"]["ppl_compressed"])
             print(f"\nOn that text the Brown-trained prompt helps in {better} of {len(j['rows'])} compressions.\n")
-        print(run_line(f"ctp.{model}", j) + "\n")
+        trains = [load(os.path.basename(p)[:-5]) for p in glob.glob(os.path.join(out, f"ctp-train.{model}.*.json"))]
+        train_min = sum(t["seconds"] for t in trains if t) / 60
+        print(run_line(f"ctp.{model}", j) + f" The prompts were trained by {len(trains)} runs `ctp-train.{model}.*`, {train_min:.1f} min in all.\n")
     if verdicts:
         beaten = sum(1 for v in verdicts if v[3])
         print("**Claims.** ", end="")
@@ -129,7 +131,32 @@ if any(ctp.values()):
         print()
 
 # ---- mixture of prompts ----
-mop = load("mop.dense-brown")
+def merge_mop():
+    """mop.<name>.json (one compression each, in scripts/experiments' order) and mop-ablate.*.json."""
+    parts = [load(os.path.basename(p)[:-5]) for p in sorted(glob.glob(os.path.join(out, "mop.*.json")))]
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    order = ["sparsegpt75", "sparsegpt85", "sparsegpt90", "sparsegpt2:4", "sparsegpt4:8", "sparsegpt3:4", "sparsegpt7:8"]
+    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.index(r["name"]) if r["name"] in order else 99)
+    mop = dict(parts[0])
+    mop["rows"] = rows
+    mop["seconds"] = sum(p["seconds"] for p in parts)
+    ablation = {"inject_layer": [], "per_expert": []}
+    for path in sorted(glob.glob(os.path.join(out, "mop-ablate.*.json"))):
+        a = load(os.path.basename(path)[:-5])["ablation"]
+        ablation["compression"] = a["compression"]
+        for key in ("inject_layer", "per_expert"):
+            ablation[key] += a[key]
+        mop["seconds"] += load(os.path.basename(path)[:-5])["seconds"]
+    for key in ("inject_layer", "per_expert"):
+        ablation[key].sort(key=lambda a: a[key])
+    mop["ablation"] = ablation if ablation["inject_layer"] or ablation["per_expert"] else {}
+    mop["processes"] = len(parts) + len(glob.glob(os.path.join(out, "mop-ablate.*.json")))
+    return mop
+
+
+mop = merge_mop()
 if mop:
     print("## Mixture of Prompts (Dun et al. 2024): `examples/mixture_of_prompts`\n")
     print(f"Tasks: the {mop['experts']} Brown genre groups. Baseline: {mop['experts'] * mop['per_expert']} prompt vectors at layer")
@@ -156,13 +183,31 @@ if mop:
                 print(f"| {a[key]} | {a['baseline']:.2f} | {a['mop']:.2f} | {a['gain']:+.2f} |")
             print()
     first = mop["rows"][0]["name"]
-    before = figure(os.path.join(out, "mop.dense-brown", first, "gates_before.png"), "mop_gates_before.png", "gate before")
-    after = figure(os.path.join(out, "mop.dense-brown", first, "gates.png"), "mop_gates_after.png", "gate after")
+    before = figure(os.path.join(out, "mop", first, "gates_before.png"), "mop_gates_before.png", "gate before")
+    after = figure(os.path.join(out, "mop", first, "gates.png"), "mop_gates_after.png", "gate after")
     if before and after:
         print(f"Mean gate weight per genre group on the test split, {mop['rows'][0]['description']}, before and after training")
         print("(Dun et al. Fig. 5):\n")
         print(before + " " + after + "\n")
-    print(run_line("mop.dense-brown", mop) + "\n")
+    print(f"*Run:* `mop.*`, `mop-ablate.*` — {mop['processes']} processes, {mop['seconds'] / 60:.1f} min in all on {machine(mop)}.\n")
+
+# ---- learning-rate x steps sweep ----
+sweep = []
+for path in sorted(glob.glob(os.path.join(out, "sweep.*.json"))):
+    j = load(os.path.basename(path)[:-5])
+    r = j["rows"][0]
+    k = str(j["prompt_lens"][0])
+    sweep.append((j["lr"], j["steps"], r["ppl_compressed"], r["ppl_prompt"][k], r["gap_recovered"][k], j))
+if sweep:
+    j0 = sweep[0][5]
+    print(f"### Does more tuning close the gap? SparseGPT 50%, {j0['prompt_lens'][0]}-token prompt, dense base model\n")
+    print(f"Dense {j0['ppl_dense']:.2f}, compressed {sweep[0][2]:.2f}.\n")
+    print("| learning rate | steps | ppl with prompt | gap recovered |\n|---:|---:|---:|---:|")
+    for lr, steps, _, p, g, _ in sorted(sweep, key=lambda x: (x[1], x[0])):
+        print(f"| {lr:g} | {steps} | {p:.2f} | {pct(g)} |")
+    best = max(sweep, key=lambda x: x[4])
+    print(f"\nThe best setting (lr {best[0]:g}, {best[1]} steps) wins back {pct(best[4])} of the gap.")
+    print(f"*Runs:* `sweep.*` — {len(sweep)} processes on {machine(j0)}, {sum(x[5]['seconds'] for x in sweep) / 60:.1f} min in all.\n")
 
 # ---- switch soft prompt ----
 s = load("switch_soft_prompt")
@@ -194,6 +239,8 @@ if s:
             print(f"{r['condition']}: {img}\n")
     print(run_line("switch_soft_prompt", s) + "\n")
 
-missing = [n for n in ("quickstart", "ctp.dense-brown", "ctp.switch-brown", "mop.dense-brown", "switch_soft_prompt") if not load(n)]
+missing = [n for n in ("quickstart", "ctp.dense-brown", "ctp.switch-brown", "switch_soft_prompt") if not load(n)]
+if not mop:
+    missing.append("mop.*")
 if missing:
     print("Not yet run: " + ", ".join(f"`{m}`" for m in missing) + ".\n")
