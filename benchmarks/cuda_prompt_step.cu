@@ -1,0 +1,244 @@
+// The issue-8 GPU benchmark: one prompt-tuning step (K prompt rows, frozen model, AdamW on the
+// prompt) and the forward evaluation of a random Llama-shaped model in bf16 with mopt's CUDA backend
+// (DeviceLlama + PromptTuner). One JSON line per shape on stdout; benchmarks/torch_prompt_step.py
+// prints the same fields for PyTorch and benchmarks/cuda_vs_torch.sh compares them.
+//
+//   shapes: a = d 768, 12 layers, 12 heads, FFN 3072, vocab 32000, batch 8 x 512, K = 100
+//           c = d 4096, 32 layers, 32 heads, FFN 11008, vocab 32000, batch 1 x 1024, K = 100 (7B)
+//
+// Build (sm_90, no CMake):
+//   nvcc -std=c++20 -O3 -arch=sm_90 -Xcompiler -march=x86-64-v4 --expt-relaxed-constexpr -Iinclude \
+//        benchmarks/cuda_prompt_step.cu -o .cache/bin/cuda/cuda_prompt_step -lcublas -lcublasLt
+// Run: .cache/bin/cuda/cuda_prompt_step [--shapes a,c] [--steps 20] [--warmup 3] [--peak-tflops 989]
+//
+// Timing: CUDA events on the model's stream around `steps` back-to-back steps after `warmup` ones
+// (the ids/targets upload is inside the timed loop, as in a training loop); step_ms is with the
+// step replayed as a CUDA graph, step_eager_ms without. fwd_ms is a forward with the loss and no
+// backward (evaluation), eager. Memory: activation_peak_bytes is the caching allocator's peak over
+// the steps (activations, the prompt and its AdamW state; the weights sit outside it in exact-size
+// buffers, weight_bytes); device_used_bytes is cudaMemGetInfo's total − free at the end (weights,
+// cached blocks, CUDA context, cuBLAS workspaces).
+//
+// Model FLOPs (stated, not measured): with N = B·(K+T) positions, T text tokens per sequence,
+//   P_blk = L·(d·(H + 2·Hkv)·Dh + H·Dh·d + 3·d·F)          block matmul weights
+//   head  = 2·B·T·d·V                                    logits of the text rows only
+//   attn  = 4·L·B·H·Dh·S(S+1)/2                          causal QKᵀ and PV, S = K + T
+//   forward FLOPs  = 2·N·P_blk + head + attn
+//   step FLOPs     = 2·(2·N·P_blk + head) + 3·attn        frozen weights: the backward is the dX half
+//                    (4·N·P_blk instead of training's 6·N·P_blk), attention backward = 2 x forward
+//   mfu = FLOPs / time / peak (--peak-tflops: H100 SXM dense bf16 989; PCIe 756)
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <mopt/backend/cuda/llama.cuh>
+#include <mopt/backend/cuda/prompt_tuner.cuh>
+
+namespace {
+
+namespace cuda = mopt::backend::cuda;
+using bf16 = __nv_bfloat16;
+
+struct BenchShape {
+    std::string name;
+    mopt::nn::ModelConfig config;
+    cuda::LlamaRunShape run;
+};
+
+BenchShape shape_by_name(const std::string& name) {
+    mopt::nn::ModelConfig c;
+    c.vocab_size = 32000;
+    c.max_seq = 2048;
+    c.norm_eps = 1e-5f;
+    c.rope_theta = 10000.0f;
+    c.tie_embeddings = false;
+    if (name == "a") {
+        c.d_model = 768, c.n_layers = 12, c.n_heads = 12, c.n_kv_heads = 12, c.d_ff = 3072;
+        return {name, c, {.batch = 8, .seq = 512, .prompt_len = 100}};
+    }
+    if (name == "c") {
+        c.d_model = 4096, c.n_layers = 32, c.n_heads = 32, c.n_kv_heads = 32, c.d_ff = 11008;
+        return {name, c, {.batch = 1, .seq = 1024, .prompt_len = 100}};
+    }
+    mopt::check(false, "cuda_prompt_step: unknown shape '", name, "' (a or c)");
+    return {};
+}
+
+struct Flops {
+    double forward = 0, step = 0;
+};
+
+Flops model_flops(const BenchShape& s) {
+    const mopt::nn::ModelConfig& c = s.config;
+    const double B = static_cast<double>(s.run.batch), T = static_cast<double>(s.run.seq);
+    const double S = static_cast<double>(s.run.positions()), N = B * S;
+    const double d = static_cast<double>(c.d_model), H = static_cast<double>(c.n_heads),
+                 Hkv = static_cast<double>(c.kv_heads()), Dh = static_cast<double>(c.head_dim()),
+                 F = static_cast<double>(c.d_ff), V = static_cast<double>(c.vocab_size), L = static_cast<double>(c.n_layers);
+    const double p_blk = L * (d * (H + 2 * Hkv) * Dh + H * Dh * d + 3 * d * F);
+    const double head = 2 * B * T * d * V;
+    const double attn = L * 4 * B * H * Dh * S * (S + 1) / 2;
+    return {2 * N * p_blk + head + attn, 2 * (2 * N * p_blk + head) + 3 * attn};
+}
+
+class Timer {
+public:
+    explicit Timer(cudaStream_t s) : stream_(s) {
+        cuda::check_cuda(cudaEventCreate(&start_), "cudaEventCreate");
+        cuda::check_cuda(cudaEventCreate(&stop_), "cudaEventCreate");
+    }
+    ~Timer() {
+        cudaEventDestroy(start_);
+        cudaEventDestroy(stop_);
+    }
+    void start() { cuda::check_cuda(cudaEventRecord(start_, stream_), "cudaEventRecord"); }
+    // Milliseconds since start() (synchronises).
+    float stop() {
+        cuda::check_cuda(cudaEventRecord(stop_, stream_), "cudaEventRecord");
+        cuda::check_cuda(cudaEventSynchronize(stop_), "cudaEventSynchronize");
+        float ms = 0;
+        cuda::check_cuda(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
+        return ms;
+    }
+
+private:
+    cudaStream_t stream_;
+    cudaEvent_t start_ = nullptr, stop_ = nullptr;
+};
+
+std::size_t device_used_bytes() {
+    std::size_t free_bytes = 0, total = 0;
+    cuda::check_cuda(cudaMemGetInfo(&free_bytes, &total), "cudaMemGetInfo");
+    return total - free_bytes;
+}
+
+void run_shape(const BenchShape& s, int steps, int warmup, double peak_tflops) {
+    cuda::Allocator& alloc = cuda::Allocator::instance();
+    alloc.release_cached();
+    const std::size_t used_before = device_used_bytes();
+    cuda::DeviceLlama<bf16> model(s.config, /*seed=*/1234);
+    const cuda::LlamaRunShape& r = s.run;
+
+    // A batch of random tokens with next-token targets inside each sequence (the last one: -100).
+    std::mt19937_64 rng(7);
+    std::uniform_int_distribution<std::int32_t> token(0, static_cast<std::int32_t>(s.config.vocab_size) - 1);
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(r.text_rows())), targets(ids.size());
+    for (auto& v : ids) v = token(rng);
+    for (std::int64_t b = 0; b < r.batch; ++b)
+        for (std::int64_t t = 0; t < r.seq; ++t)
+            targets[b * r.seq + t] = t + 1 < r.seq ? ids[b * r.seq + t + 1] : -100;
+    std::vector<float> prompt(static_cast<std::size_t>(r.prompt_len * s.config.d_model));
+    std::normal_distribution<float> init(0.0f, 0.02f);  // the scale of the model's token embeddings
+    for (float& v : prompt) v = init(rng);
+
+    alloc.reset_peak();
+    const cuda::AdamWOptions adamw{.lr = 1e-3f, .weight_decay = 0.0f};
+    Timer timer(model.stream());
+    float step_eager_ms = 0, step_graph_ms = 0, loss = 0;
+    {
+        cuda::PromptTuner<bf16> tuner(model, r, prompt, adamw);
+        for (int i = 0; i < warmup; ++i) tuner.step(ids, targets);
+        timer.start();
+        for (int i = 0; i < steps; ++i) tuner.step(ids, targets);
+        step_eager_ms = timer.stop() / static_cast<float>(steps);
+
+        tuner.use_graph();
+        for (int i = 0; i < warmup; ++i) tuner.step(ids, targets);  // the first of these captures
+        timer.start();
+        for (int i = 0; i < steps; ++i) tuner.step(ids, targets);
+        step_graph_ms = timer.stop() / static_cast<float>(steps);
+        loss = tuner.loss();
+    }
+    // The evaluation forward: loss, no dlogits, nothing for a backward is needed (the buffers exist anyway).
+    cuda::DeviceArray<float> eval_prompt(prompt.size(), model.stream());
+    eval_prompt.upload(prompt);
+    cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    for (int i = 0; i < warmup; ++i) {
+        model.set_batch(ids, targets);
+        model.enqueue_forward(eval_prompt.data(), cuda::ForwardMode::loss);
+    }
+    timer.start();
+    for (int i = 0; i < steps; ++i) {
+        model.set_batch(ids, targets);
+        model.enqueue_forward(eval_prompt.data(), cuda::ForwardMode::loss);
+    }
+    const float fwd_ms = timer.stop() / static_cast<float>(steps);
+    const float eval_loss = model.loss();
+
+    const Flops f = model_flops(s);
+    const double text_tokens = static_cast<double>(r.text_rows());
+    const double peak = peak_tflops * 1e12;
+    cudaDeviceProp prop{};
+    int device = 0;
+    cuda::check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    cuda::check_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    const cuda::AllocatorStats st = alloc.stats();
+    std::ostringstream os;
+    os << "{\"impl\": \"mopt_cuda\", \"shape\": \"" << s.name << "\", \"device\": \"" << prop.name
+       << "\", \"dtype\": \"bf16\", \"d_model\": " << s.config.d_model << ", \"layers\": " << s.config.n_layers
+       << ", \"heads\": " << s.config.n_heads << ", \"kv_heads\": " << s.config.kv_heads()
+       << ", \"d_ff\": " << s.config.d_ff << ", \"vocab\": " << s.config.vocab_size << ", \"batch\": " << r.batch
+       << ", \"seq\": " << r.seq << ", \"prompt_len\": " << r.prompt_len << ", \"params\": " << model.num_parameters()
+       << ", \"steps\": " << steps << ", \"step_ms\": " << step_graph_ms << ", \"step_eager_ms\": " << step_eager_ms
+       << ", \"step_tokens_per_s\": " << text_tokens / (step_graph_ms * 1e-3) << ", \"fwd_ms\": " << fwd_ms
+       << ", \"fwd_tokens_per_s\": " << text_tokens / (fwd_ms * 1e-3) << ", \"step_flops\": " << f.step
+       << ", \"fwd_flops\": " << f.forward << ", \"step_mfu\": " << f.step / (step_graph_ms * 1e-3) / peak
+       << ", \"fwd_mfu\": " << f.forward / (fwd_ms * 1e-3) / peak << ", \"peak_tflops\": " << peak_tflops
+       << ", \"activation_peak_bytes\": " << st.peak_bytes << ", \"weight_bytes\": " << model.weight_bytes()
+       << ", \"device_used_bytes\": " << device_used_bytes() << ", \"device_used_before_bytes\": " << used_before
+       << ", \"loss\": " << loss << ", \"eval_loss\": " << eval_loss << "}";
+    std::printf("%s\n", os.str().c_str());
+    std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    std::string shapes = "a,c";
+    int steps = 20, warmup = 3;
+    double peak_tflops = 989.0;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        auto value = [&]() -> std::string {
+            if (i + 1 >= argc) {
+                std::fprintf(stderr, "cuda_prompt_step: %s needs a value\n", a.c_str());
+                std::exit(2);
+            }
+            return argv[++i];
+        };
+        if (a == "--shapes") shapes = value();
+        else if (a == "--steps") steps = std::atoi(value().c_str());
+        else if (a == "--warmup") warmup = std::atoi(value().c_str());
+        else if (a == "--peak-tflops") peak_tflops = std::atof(value().c_str());
+        else {
+            std::fprintf(stderr,
+                         "usage: cuda_prompt_step [--shapes a,c] [--steps 20] [--warmup 3] [--peak-tflops 989]\n");
+            return 2;
+        }
+    }
+    if (cuda::device_count() == 0) {
+        std::fprintf(stderr, "cuda_prompt_step: no CUDA device\n");
+        return 77;
+    }
+    if (steps < 1 || warmup < 2) {
+        std::fprintf(stderr, "cuda_prompt_step: --steps must be >= 1 and --warmup >= 2 (the graph is captured in it)\n");
+        return 2;
+    }
+    try {
+        std::stringstream list(shapes);
+        for (std::string name; std::getline(list, name, ',');)
+            if (!name.empty()) run_shape(shape_by_name(name), steps, warmup, peak_tflops);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "cuda_prompt_step: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}
