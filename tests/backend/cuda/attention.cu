@@ -127,11 +127,23 @@ void check_case(const AttentionCase& c, AttentionKernel kernel, std::uint32_t se
                                                shape_of(c), opt);
     mopt::backend::cuda::check_cuda(cudaDeviceSynchronize(), "attention test synchronize");
 
-    CUDA_CHECK_CLOSE(download(out), ref.out, tol, what + ": out");
-    CUDA_CHECK_CLOSE(download(lse), ref.lse, tol, what + ": lse");
-    if (want.dq) CUDA_CHECK_CLOSE(download(grad_q), ref.dq, tol, what + ": dq");
-    if (want.dk) CUDA_CHECK_CLOSE(download(grad_k), ref.dk, tol, what + ": dk");
-    if (want.dv) CUDA_CHECK_CLOSE(download(grad_v), ref.dv, tol, what + ": dv");
+    // Every download is a named vector: CUDA_CHECK_CLOSE keeps a span of its argument, which would
+    // dangle on a temporary (the freed vector's memory was then compared, not the result).
+    const std::vector<float> got_out = download(out), got_lse = download(lse);
+    CUDA_CHECK_CLOSE(got_out, ref.out, tol, what + ": out");
+    CUDA_CHECK_CLOSE(got_lse, ref.lse, tol, what + ": lse");
+    if (want.dq) {
+        const std::vector<float> got = download(grad_q);
+        CUDA_CHECK_CLOSE(got, ref.dq, tol, what + ": dq");
+    }
+    if (want.dk) {
+        const std::vector<float> got = download(grad_k);
+        CUDA_CHECK_CLOSE(got, ref.dk, tol, what + ": dk");
+    }
+    if (want.dv) {
+        const std::vector<float> got = download(grad_v);
+        CUDA_CHECK_CLOSE(got, ref.dv, tol, what + ": dv");
+    }
 }
 
 // The error thrown by `f`, or "" when it throws none.
