@@ -2,9 +2,11 @@
 // output, the saved row logsumexp, and dq, dk, dv from the CPU tape's backward, on shapes that
 // leave partial tiles (T, S = 1, 37, 70, 130), GQA, a soft-prompt prefix (shorter and longer than
 // a tile), queries that are the last T of S keys (KV cache), batch > 1, head_dim 32/64/128, f32
-// and bf16 on both code paths. Normwise tolerances: f32 1e-4, bf16 1e-2.
+// and bf16 on every code path (reference, SIMT, tensor cores). Normwise tolerances: f32 1e-4, bf16 1e-2.
 #include <cuda_bf16.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <sstream>
@@ -80,11 +82,31 @@ std::string describe(const AttentionCase& c, AttentionKernel kernel) {
     std::ostringstream os;
     const char* path = kernel == AttentionKernel::simt          ? " simt"
                        : kernel == AttentionKernel::tensor_core ? " tensor-core"
+                       : kernel == AttentionKernel::reference   ? " reference"
                                                                 : " automatic";
     os << (std::is_same_v<T, float> ? "f32" : "bf16") << path
        << " B=" << c.batch << " T=" << c.seq_q << " S=" << c.seq_k << " H=" << c.heads << " Hkv=" << c.kv_heads
        << " Dh=" << c.head_dim << (c.causal ? " causal" : " full") << " prefix=" << c.prefix << " scale=" << c.scale;
     return os.str();
+}
+
+// Normwise as CUDA_CHECK_CLOSE (max|got - want| / max|want|), but the denominator is at least
+// kZeroFloor: a tensor that is zero in exact arithmetic (dq when every query sees one key, where
+// dS = P (dP - delta) = dP - dP) is then held to tol · kZeroFloor absolutely instead of being
+// divided by the CPU's rounding noise. Every other tensor here has max|want| far above the floor.
+// got and want are taken by const reference to named or temporary vectors that outlive the call
+// (CUDA_CHECK_CLOSE keeps spans, so a temporary passed straight to it would dangle).
+constexpr double kZeroFloor = 1e-2;
+
+void compare(const std::vector<float>& got, const std::vector<float>& want, double tol, const std::string& what) {
+    CUDA_CHECK(got.size() == want.size(), what, ": sizes ", got.size(), " vs ", want.size());
+    double diff = 0, scale = kZeroFloor;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+        CUDA_CHECK(std::isfinite(got[i]), what, ": element ", i, " is ", got[i]);
+        diff = std::max(diff, std::abs(static_cast<double>(got[i]) - want[i]));
+        scale = std::max(scale, std::abs(static_cast<double>(want[i])));
+    }
+    CUDA_CHECK(diff / scale <= tol, what, ": relative error ", diff / scale, " > ", tol, " (max|want| ", scale, ")");
 }
 
 // Which gradients a run asks for (the others are null and must not be needed).
@@ -127,23 +149,11 @@ void check_case(const AttentionCase& c, AttentionKernel kernel, std::uint32_t se
                                                shape_of(c), opt);
     mopt::backend::cuda::check_cuda(cudaDeviceSynchronize(), "attention test synchronize");
 
-    // Every download is a named vector: CUDA_CHECK_CLOSE keeps a span of its argument, which would
-    // dangle on a temporary (the freed vector's memory was then compared, not the result).
-    const std::vector<float> got_out = download(out), got_lse = download(lse);
-    CUDA_CHECK_CLOSE(got_out, ref.out, tol, what + ": out");
-    CUDA_CHECK_CLOSE(got_lse, ref.lse, tol, what + ": lse");
-    if (want.dq) {
-        const std::vector<float> got = download(grad_q);
-        CUDA_CHECK_CLOSE(got, ref.dq, tol, what + ": dq");
-    }
-    if (want.dk) {
-        const std::vector<float> got = download(grad_k);
-        CUDA_CHECK_CLOSE(got, ref.dk, tol, what + ": dk");
-    }
-    if (want.dv) {
-        const std::vector<float> got = download(grad_v);
-        CUDA_CHECK_CLOSE(got, ref.dv, tol, what + ": dv");
-    }
+    compare(download(out), ref.out, tol, what + ": out");
+    compare(download(lse), ref.lse, tol, what + ": lse");
+    if (want.dq) compare(download(grad_q), ref.dq, tol, what + ": dq");
+    if (want.dk) compare(download(grad_k), ref.dk, tol, what + ": dk");
+    if (want.dv) compare(download(grad_v), ref.dv, tol, what + ": dv");
 }
 
 // The error thrown by `f`, or "" when it throws none.
@@ -254,6 +264,33 @@ MOPT_CUDA_TEST(attention_bf16_simt) {
         AttentionKernel::simt, 111);
     check_case<bf16>({.batch = 1, .seq_q = 37, .seq_k = 100, .heads = 2, .kv_heads = 1, .head_dim = 128},
                      AttentionKernel::simt, 112);
+}
+
+// ------------------------------------------------------------------------------------- reference
+
+// The one-row-per-block kernels: KV cache with a prefix and GQA, a prefix longer than a tile at
+// Dh = 128, non-causal with an explicit scale at Dh = 32, a single key; f32 and bf16.
+MOPT_CUDA_TEST(attention_reference_kernel) {
+    check_case<float>(
+        {.batch = 2, .seq_q = 37, .seq_k = 100, .heads = 4, .kv_heads = 2, .head_dim = 64, .prefix = 3},
+        AttentionKernel::reference, 131);
+    check_case<float>(
+        {.batch = 1, .seq_q = 130, .seq_k = 130, .heads = 2, .kv_heads = 1, .head_dim = 128, .prefix = 70},
+        AttentionKernel::reference, 132);
+    check_case<float>({.batch = 2,
+                       .seq_q = 70,
+                       .seq_k = 70,
+                       .heads = 4,
+                       .kv_heads = 2,
+                       .head_dim = 32,
+                       .causal = false,
+                       .scale = 0.3f},
+                      AttentionKernel::reference, 133);
+    check_case<float>({.batch = 1, .seq_q = 1, .seq_k = 1, .heads = 1, .kv_heads = 1, .head_dim = 64},
+                      AttentionKernel::reference, 134);
+    check_case<bf16>(
+        {.batch = 1, .seq_q = 70, .seq_k = 70, .heads = 4, .kv_heads = 2, .head_dim = 64, .prefix = 5},
+        AttentionKernel::reference, 135);
 }
 
 // ---------------------------------------------------------------------------- options and errors

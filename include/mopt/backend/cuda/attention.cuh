@@ -28,7 +28,11 @@
 // end of T or S are zero-filled in shared memory so no garbage reaches a product, and a row whose
 // scores so far are all -inf uses 0 as its max so exp never sees (-inf) - (-inf).
 //
-// Two code paths, chosen by AttentionOptions::kernel:
+// Three code paths, chosen by AttentionOptions::kernel:
+//  - Reference (f32 and bf16 inputs): one block of Dh threads per query row (forward, dQ) or key
+//    (dK, dV), a plain loop over the keys (queries) with an online softmax, each dot product a
+//    block reduction, thread d owning output column d. Slow; the yardstick the fast paths are
+//    tested against on the device, and a fallback.
 //  - SIMT (f32 and bf16 inputs, converted to f32 in shared memory): 256 threads, each owns a 4 x 4
 //    micro-tile of the 64 x 64 score tile and the same 4 rows of the output accumulator, so the
 //    online-softmax rescale is thread-local; row reductions are half-warp shuffles.
@@ -36,7 +40,7 @@
 //    stay in registers: an m16n8 f32 accumulator pair has the layout of an m16k16 A operand, so
 //    they feed the next product without going through shared memory (FA2 §3.3). V, dO, Q and K as
 //    the B operand of P V, Pᵀ dO, dSᵀ Q and dS K are transposed on load by ldmatrix.trans.
-// Softmax, statistics and accumulation are f32 in both.
+// Softmax, statistics and accumulation are f32 in all three.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -61,6 +65,7 @@ enum class AttentionKernel {
     automatic,    // tensor cores for bf16 with 16-byte aligned pointers, SIMT otherwise
     simt,         // f32 CUDA cores (f32 or bf16 inputs)
     tensor_core,  // mma.sync bf16 (bf16 inputs only)
+    reference,    // one block per row, plain loops (f32 or bf16 inputs): slow, for checking
 };
 
 // As mopt::autodiff::AttentionOptions, plus the choice of code path.
@@ -136,6 +141,99 @@ __device__ __forceinline__ T from_float(float x) {
         return x;
     else
         return __float2bfloat16_rn(x);
+}
+
+// --------------------------------------------------------------- reference path (one row per block)
+// blockDim.x = Dh (32, 64 or 128): thread d owns column d of the row it writes.
+
+// Σ over the block of x, returned to every thread. red: kMaxWarps floats of shared memory.
+inline constexpr int kMaxWarps = 4;
+__device__ __forceinline__ float block_sum(float x, float* red) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    const int warps = blockDim.x / 32;
+    __syncthreads();  // the previous call's totals are read
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = x;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < warps; ++w) total += red[w];
+    return total;
+}
+
+// grid (T, H, B). out[b, t, h, :] and lse[b, h, t].
+template <class T>
+__global__ void forward_reference(Params p, const T* __restrict__ q, const T* __restrict__ k,
+                                  const T* __restrict__ v, T* __restrict__ out, float* __restrict__ lse) {
+    __shared__ float red[kMaxWarps];
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = threadIdx.x, Dh = blockDim.x;
+    const int kvh = h / p.group;
+    const std::int64_t q_at = ((std::int64_t{b} * p.seq_q + t) * p.heads + h) * Dh + d;
+    const float qd = to_float(q[q_at]);
+    float m = -INFINITY, l = 0.0f, acc = 0.0f;
+    const int keys = p.visible(t);
+    for (int j = 0; j < keys; ++j) {
+        const std::int64_t kv_at = ((std::int64_t{b} * p.seq_k + j) * p.kv_heads + kvh) * Dh + d;
+        const float s = block_sum(qd * to_float(k[kv_at]), red) * p.scale;
+        const float m_new = fmaxf(m, s);
+        const float alpha = expf(m - m_new);  // m = -inf on the first key: alpha = 0
+        const float e = expf(s - m_new);
+        l = l * alpha + e;
+        acc = acc * alpha + e * to_float(v[kv_at]);
+        m = m_new;
+    }
+    out[q_at] = from_float<T>(acc / l);  // keys >= 1: every query sees key 0
+    if (d == 0) lse[(std::int64_t{b} * p.heads + h) * p.seq_q + t] = m + logf(l);
+}
+
+// grid (T, H, B). dq[b, t, h, :] = scale Σ_j dS_j k_j, dS_j = P_j (dO·v_j - dO·O).
+template <class T>
+__global__ void dq_reference(Params p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                             const T* __restrict__ out, const T* __restrict__ grad_out, const float* __restrict__ lse,
+                             T* __restrict__ dq) {
+    __shared__ float red[kMaxWarps];
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, d = threadIdx.x, Dh = blockDim.x;
+    const int kvh = h / p.group;
+    const std::int64_t q_at = ((std::int64_t{b} * p.seq_q + t) * p.heads + h) * Dh + d;
+    const float qd = to_float(q[q_at]), god = to_float(grad_out[q_at]);
+    const float delta = block_sum(god * to_float(out[q_at]), red);
+    const float row_lse = lse[(std::int64_t{b} * p.heads + h) * p.seq_q + t];
+    float acc = 0.0f;
+    const int keys = p.visible(t);
+    for (int j = 0; j < keys; ++j) {
+        const std::int64_t kv_at = ((std::int64_t{b} * p.seq_k + j) * p.kv_heads + kvh) * Dh + d;
+        const float kd = to_float(k[kv_at]);
+        const float pr = expf(block_sum(qd * kd, red) * p.scale - row_lse);
+        const float dp = block_sum(god * to_float(v[kv_at]), red);
+        acc += pr * (dp - delta) * kd;
+    }
+    dq[q_at] = from_float<T>(acc * p.scale);
+}
+
+// grid (S, Hkv, B). For key j: dv = Σ P_tj dO_t, dk = scale Σ dS_tj q_t over the query heads of
+// the group and the queries t that see key j.
+template <class T>
+__global__ void dkdv_reference(Params p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                               const T* __restrict__ out, const T* __restrict__ grad_out,
+                               const float* __restrict__ lse, T* __restrict__ dk, T* __restrict__ dv) {
+    __shared__ float red[kMaxWarps];
+    const int j = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, d = threadIdx.x, Dh = blockDim.x;
+    const std::int64_t kv_at = ((std::int64_t{b} * p.seq_k + j) * p.kv_heads + kvh) * Dh + d;
+    const float kd = to_float(k[kv_at]), vd = to_float(v[kv_at]);
+    float dk_acc = 0.0f, dv_acc = 0.0f;
+    for (int h = kvh * p.group; h < (kvh + 1) * p.group; ++h)
+        for (int t = 0; t < p.seq_q; ++t) {
+            if (j >= p.visible(t)) continue;  // the same for the whole block
+            const std::int64_t q_at = ((std::int64_t{b} * p.seq_q + t) * p.heads + h) * Dh + d;
+            const float qd = to_float(q[q_at]), god = to_float(grad_out[q_at]);
+            const float row_lse = lse[(std::int64_t{b} * p.heads + h) * p.seq_q + t];
+            const float pr = expf(block_sum(qd * kd, red) * p.scale - row_lse);
+            const float dp = block_sum(god * vd, red);
+            const float delta = block_sum(god * to_float(out[q_at]), red);
+            dv_acc += pr * god;
+            dk_acc += pr * (dp - delta) * qd;
+        }
+    if (dk) dk[kv_at] = from_float<T>(dk_acc * p.scale);
+    if (dv) dv[kv_at] = from_float<T>(dv_acc);
 }
 
 // ---------------------------------------------------------------- SIMT path (f32 in shared memory)
@@ -882,7 +980,8 @@ inline Params make_params(const char* op, const AttentionShape& s, const Attenti
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-// Whether this call runs on tensor cores; checks that an explicit choice is possible.
+// Whether this call runs on tensor cores (an explicit choice, or `automatic` with bf16 and aligned
+// pointers); checks that an explicit choice is possible.
 template <class T, class... Ptrs>
 bool use_tensor_cores(const char* op, const AttentionOptions& opt, const Ptrs*... ptrs) {
     const bool aligned = (aligned16(ptrs) && ...);
@@ -893,7 +992,7 @@ bool use_tensor_cores(const char* op, const AttentionOptions& opt, const Ptrs*..
     if constexpr (!std::is_same_v<T, bf16>)
         return false;
     else
-        return opt.kernel != AttentionKernel::simt && aligned;
+        return opt.kernel == AttentionKernel::tensor_core || (opt.kernel == AttentionKernel::automatic && aligned);
 }
 
 template <class F>
@@ -939,6 +1038,13 @@ void attention_forward(const AttentionForwardArgs<T>& a, const AttentionShape& s
     const ad::Params p = ad::make_params(op, s, opt);
     if (s.batch == 0 || s.seq_q == 0) return;
     check(a.q && a.k && a.v && a.out && a.lse, op, ": q, k, v, out and lse must all be given; ", ad::describe(s));
+    const auto dh_threads = static_cast<int>(s.head_dim);
+    if (opt.kernel == AttentionKernel::reference) {
+        const dim3 rows(static_cast<unsigned>(s.seq_q), static_cast<unsigned>(s.heads), static_cast<unsigned>(s.batch));
+        ad::launch(ad::forward_reference<T>, rows, dh_threads, 0, stream, "forward_reference", s, p, a.q, a.k, a.v,
+                   a.out, a.lse);
+        return;
+    }
     const dim3 grid(ad::tiles(s.seq_q), static_cast<unsigned>(s.heads), static_cast<unsigned>(s.batch));
     const bool tc = ad::use_tensor_cores<T>(op, opt, a.q, a.k, a.v, a.out);
     ad::with_head_dim(s.head_dim, [&](auto dh) {
@@ -968,6 +1074,19 @@ void attention_backward(const AttentionBackwardArgs<T>& a, const AttentionShape&
     if (s.batch == 0 || s.seq_k == 0 || (!a.dq && !a.dk && !a.dv)) return;
     check(a.q && a.k && a.v && a.out && a.grad_out && a.lse && a.delta, op,
           ": q, k, v, out, grad_out, lse and delta must all be given; ", ad::describe(s));
+    if (opt.kernel == AttentionKernel::reference) {  // needs no delta: each block recomputes its own
+        const auto dh_threads = static_cast<int>(s.head_dim);
+        const auto batch = static_cast<unsigned>(s.batch);
+        const dim3 keys(static_cast<unsigned>(s.seq_k), static_cast<unsigned>(s.kv_heads), batch);
+        const dim3 rows(static_cast<unsigned>(s.seq_q), static_cast<unsigned>(s.heads), batch);
+        if (a.dk || a.dv)
+            ad::launch(ad::dkdv_reference<T>, keys, dh_threads, 0, stream, "dkdv_reference", s, p, a.q, a.k, a.v, a.out,
+                       a.grad_out, a.lse, a.dk, a.dv);
+        if (a.dq)
+            ad::launch(ad::dq_reference<T>, rows, dh_threads, 0, stream, "dq_reference", s, p, a.q, a.k, a.v, a.out,
+                       a.grad_out, a.lse, a.dq);
+        return;
+    }
     const dim3 q_grid(ad::tiles(s.seq_q), static_cast<unsigned>(s.heads), static_cast<unsigned>(s.batch));
     const dim3 kv_grid(ad::tiles(s.seq_k), static_cast<unsigned>(s.kv_heads), static_cast<unsigned>(s.batch));
     const auto rows = static_cast<std::uint64_t>(s.batch * s.seq_q * s.heads);
