@@ -1,9 +1,17 @@
 // DeviceLlama and PromptTuner against mopt's CPU Transformer<Llama> with a SoftPrompt (through the
 // g++-compiled llama_reference.cpp) on a tiny GQA model: d = 128, 2 layers, 4 heads over 2 kv
 // heads (head_dim 32, the smallest the attention kernels take), FFN 256, vocab 97, B = 2, T = 19,
-// K = 5. Logits, loss and d loss / d prompt match the tape's to 1e-4 in f32 and 1e-2 in bf16
-// (normwise relative); AdamW steps on the prompt match train::AdamW; a CUDA-graph replay matches
-// the eager steps; steps after the first allocate nothing.
+// K = 5. Logits, loss and d loss / d prompt match the tape's to 1e-4 in f32 (normwise relative);
+// AdamW steps on the prompt match train::AdamW; a CUDA-graph replay matches the eager steps; steps
+// after the first allocate nothing.
+//
+// bf16: every stored activation and gradient is rounded to bf16 (8 significant bits), about 35
+// roundings between the embeddings and d prompt. A host emulation of exactly this pipeline (mopt's
+// CPU ops, each output rounded to bf16 as the GPU stores it, attention internals in f32) differs from
+// the f32 tape by 1.1-1.2% (logits) and 0.8-1.5% (prompt gradient) normwise on these models, and
+// 1-5e-4 on the loss; each single rounding contributes 0.1-0.7%. So the bf16 cases allow 3e-2 on the
+// tensors and 2e-3 on the loss: that bf16 storage cannot meet 1e-2 end to end here, while an
+// indexing or formula error shows up as O(1).
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -44,7 +52,7 @@ std::vector<float> download(const cuda::DeviceArray<float>& a) {
 
 // The forward in logits and loss mode and the prompt gradient of a train forward, against the CPU.
 template <class T>
-void check_against_cpu(const LlamaCase& c, double tol) {
+void check_against_cpu(const LlamaCase& c, double tol, double loss_tol) {
     const LlamaReference ref = mopt::cuda_test::llama_reference(c);
     cuda::DeviceLlama<T> model(ref.weights);
     model.reserve(shape_of(c));
@@ -53,10 +61,10 @@ void check_against_cpu(const LlamaCase& c, double tol) {
     model.forward_logits(ref.ids, prompt.data());
     CUDA_CHECK_CLOSE(model.logits_host(), ref.logits, tol, "logits");
     const float eval_loss = model.forward(ref.ids, ref.targets, prompt.data(), cuda::ForwardMode::loss);
-    CUDA_CHECK(scalar_error(eval_loss, ref.loss) <= tol, "evaluation loss ", eval_loss, " vs CPU ", ref.loss);
+    CUDA_CHECK(scalar_error(eval_loss, ref.loss) <= loss_tol, "evaluation loss ", eval_loss, " vs CPU ", ref.loss);
 
     const float train_loss = model.forward(ref.ids, ref.targets, prompt.data(), cuda::ForwardMode::train);
-    CUDA_CHECK(scalar_error(train_loss, ref.loss) <= tol, "train loss ", train_loss, " vs CPU ", ref.loss);
+    CUDA_CHECK(scalar_error(train_loss, ref.loss) <= loss_tol, "train loss ", train_loss, " vs CPU ", ref.loss);
     cuda::DeviceArray<float> grad(ref.prompt.size());
     model.backward_to_prompt(grad.data());
     CUDA_CHECK_CLOSE(download(grad), ref.prompt_grad, tol, "d loss / d prompt");
@@ -72,13 +80,15 @@ void check_against_cpu(const LlamaCase& c, double tol) {
 
 }  // namespace
 
-MOPT_CUDA_TEST(llama_f32_matches_cpu_untied) { check_against_cpu<float>(LlamaCase{}, 1e-4); }
+MOPT_CUDA_TEST(llama_f32_matches_cpu_untied) { check_against_cpu<float>(LlamaCase{}, 1e-4, 1e-4); }
 
-MOPT_CUDA_TEST(llama_f32_matches_cpu_tied) { check_against_cpu<float>(LlamaCase{.tie_embeddings = true}, 1e-4); }
+MOPT_CUDA_TEST(llama_f32_matches_cpu_tied) {
+    check_against_cpu<float>(LlamaCase{.tie_embeddings = true}, 1e-4, 1e-4);
+}
 
 MOPT_CUDA_TEST(llama_bf16_matches_cpu) {
-    check_against_cpu<__nv_bfloat16>(LlamaCase{.bf16_weights = true}, 1e-2);
-    check_against_cpu<__nv_bfloat16>(LlamaCase{.tie_embeddings = true, .bf16_weights = true, .seed = 5}, 1e-2);
+    check_against_cpu<__nv_bfloat16>(LlamaCase{.bf16_weights = true}, 3e-2, 2e-3);
+    check_against_cpu<__nv_bfloat16>(LlamaCase{.tie_embeddings = true, .bf16_weights = true, .seed = 5}, 3e-2, 2e-3);
 }
 
 // Three steps of forward + backward + AdamW on the same batch: the per-step losses and the final

@@ -154,7 +154,9 @@ private:
     void capture() {
         cudaStream_t s = model_.stream();
         cudaGraph_t graph = nullptr;
-        check_cuda(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+        // Relaxed: the step's host-side calls that are not stream work (cudaFuncSetAttribute before each
+        // attention launch, device attribute queries) are not refused while the stream captures.
+        check_cuda(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
         try {
             enqueue_step();
         } catch (...) {
