@@ -65,10 +65,13 @@ inline double relative_error(std::span<const float> got, std::span<const float> 
         if (!(cond)) ::mopt::cuda_test::fail(__FILE__, __LINE__, "CHECK(" #cond ") failed: ", __VA_ARGS__); \
     } while (0)
 
-// CUDA_CHECK_CLOSE(got, want, tol, what): normwise relative error of two float ranges <= tol.
+// CUDA_CHECK_CLOSE(got, want, tol, what): normwise relative error of two float ranges <= tol. The
+// arguments are bound to references first, so a temporary vector stays alive for the whole check.
 #define CUDA_CHECK_CLOSE(got, want, tol, what)                                                          \
     do {                                                                                                \
-        const std::span<const float> got_ = (got), want_ = (want);                                       \
+        const auto& got_ref_ = (got);   /* a temporary (e.g. a download) lives until the check ends */  \
+        const auto& want_ref_ = (want);                                                                  \
+        const std::span<const float> got_ = got_ref_, want_ = want_ref_;                                 \
         CUDA_CHECK(got_.size() == want_.size(), what, ": sizes ", got_.size(), " vs ", want_.size());    \
         const double err_ = ::mopt::cuda_test::relative_error(got_, want_);                              \
         CUDA_CHECK(err_ <= (tol), what, ": relative error ", err_, " > ", (tol));                       \
