@@ -25,7 +25,7 @@ enum class LinearRole { attention, ffn, expert, router };
     if (s == "ffn") return LinearRole::ffn;
     if (s == "expert") return LinearRole::expert;
     if (s == "router") return LinearRole::router;
-    throw Error(detail::concat("unknown layer type '", s, "' (attention, ffn, expert, router)"));
+    throw Error(mopt::detail::concat("unknown layer type '", s, "' (attention, ffn, expert, router)"));
 }
 
 }  // namespace mopt::nn
