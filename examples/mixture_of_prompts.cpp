@@ -73,6 +73,7 @@ struct Pair {
 
 std::vector<std::int64_t> parse_ints(const std::string& s, const char* flag, std::int64_t min) {
     std::vector<std::int64_t> out;
+    if (s == "none") return out;
     for (const std::string& item : cli::split(s, ',')) {
         std::size_t used = 0;
         std::int64_t v = 0;
@@ -324,9 +325,9 @@ int main(int argc, char** argv) {
             ("local-steps", po::value(&o.local_steps)->default_value(o.local_steps), "federated: local steps per round")
             ("skew", po::value(&o.skew)->default_value(o.skew), "federated: big partition / each other partition")
             ("ablate-layers", po::value(&o.ablate_layers)->default_value(o.ablate_layers),
-             "L_int values compared on the first compression (empty: none)")
+             "L_int values compared on the first compression (none: no such ablation)")
             ("ablate-per-expert", po::value(&o.ablate_per_expert)->default_value(o.ablate_per_expert),
-             "prompts-per-expert values compared on the first compression (empty: none)")
+             "prompts-per-expert values compared on the first compression (none: no such ablation)")
             ("batch", po::value(&o.batch)->default_value(o.batch), "windows per step")
             ("seq-len", po::value(&o.seq_len)->default_value(o.seq_len), "text tokens per window")
             ("eval-windows", po::value(&o.eval_windows)->default_value(o.eval_windows), "test windows scored")

@@ -138,9 +138,20 @@ def merge_mop():
     if not parts:
         return None
     order = ["sparsegpt75", "sparsegpt85", "sparsegpt90", "sparsegpt2:4", "sparsegpt4:8", "sparsegpt3:4", "sparsegpt7:8"]
-    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.index(r["name"]) if r["name"] in order else 99)
+    by_name, settings = {}, []
+    for p in parts:
+        for st in p["settings"]:
+            if st not in settings:
+                settings.append(st)
+        for r in p["rows"]:
+            merged = by_name.setdefault(r["name"], dict(r))
+            merged.update({st: r[st] for st in p["settings"]})
+    settings.sort(key=lambda st: st != "central")
+    rows = sorted(by_name.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else 99)
+    rows = [r for r in rows if all(st in r for st in settings)]
     mop = dict(parts[0])
     mop["rows"] = rows
+    mop["settings"] = settings
     mop["seconds"] = sum(p["seconds"] for p in parts)
     ablation = {"inject_layer": [], "per_expert": []}
     for path in sorted(glob.glob(os.path.join(out, "mop-ablate.*.json"))):
@@ -149,6 +160,11 @@ def merge_mop():
         for key in ("inject_layer", "per_expert"):
             ablation[key] += a[key]
         mop["seconds"] += load(os.path.basename(path)[:-5])["seconds"]
+    # L_int = inject_layer and per_expert of the tables are their central row on the same compression.
+    main = next((r for r in rows if r["description"] == ablation.get("compression") and "central" in r), None)
+    if main:
+        ablation["inject_layer"].append(dict(main["central"], inject_layer=mop["inject_layer"]))
+        ablation["per_expert"].append(dict(main["central"], per_expert=mop["per_expert"]))
     for key in ("inject_layer", "per_expert"):
         ablation[key].sort(key=lambda a: a[key])
     mop["ablation"] = ablation if ablation["inject_layer"] or ablation["per_expert"] else {}
@@ -238,6 +254,26 @@ if s:
             img = figure(os.path.join(out, "switch_soft_prompt", os.path.basename(r["png"])), "switch_" + os.path.basename(r["png"]), r["condition"])
             print(f"{r['condition']}: {img}\n")
     print(run_line("switch_soft_prompt", s) + "\n")
+
+# ---- discussion ----
+print("## Where the seed studies' claims held, and where they did not\n")
+if any(ctp.values()):
+    rec = [v[2] for v in verdicts]
+    print(f"- **Compress, then prompt.** A learned prompt lowers the compressed model's perplexity in "
+          f"{sum(1 for v in verdicts if v[3])} of {len(verdicts)} rows, so the direction of Xu et al.'s claim holds here; "
+          f"its size does not: the best prompt wins back {pct(min(rec))}–{pct(max(rec))} of the gap (median "
+          f"{pct(sorted(rec)[len(rec) // 2])}), where Xu et al. report most of it on 7B models. Our base models have 3.4M "
+          "parameters and were trained on the same Brown text the prompts are tuned on, so a prompt can add little "
+          "context the model lacks; the learning-rate × steps sweep shows the shortfall is not a tuning artefact.")
+if mop:
+    for setting in mop["settings"]:
+        gains = [r[setting]["gain"] for r in mop["rows"]]
+        print(f"- **Mixture of Prompts, {setting}.** MoPs beat the gate-less baseline in {sum(g > 0 for g in gains)} of "
+              f"{len(gains)} pruning settings (gain {min(gains):+.2f} to {max(gains):+.2f} perplexity).")
+if s:
+    print("- **Switch soft prompts.** See the table above: the change in the load's CV with and without the balance loss "
+          "answers whether a prompt rebalances the experts on this model.")
+print()
 
 missing = [n for n in ("quickstart", "ctp.dense-brown", "ctp.switch-brown", "switch_soft_prompt") if not load(n)]
 if not mop:
