@@ -244,7 +244,6 @@ int main(int argc, char** argv) {
         opts.add_options()
             ("help,h", "show this help")
             ("model", po::value(&o.model)->default_value(o.model), "base model folder: models/dense-brown or models/switch-brown")
-            ("brown-dir", po::value(&o.brown_dir)->default_value(o.brown_dir), "where scripts/setup put the Brown corpus")
             ("compressions", po::value(&o.compressions)->default_value(o.compressions),
              "comma-separated compressions: sparsegpt:0.5 (fraction zeroed), wanda:2:4 (N of M zeroed), gptq:4, rtn:3:64 "
              "(bits[:group]), int8, sparsegpt:0.5+gptq:4")
@@ -254,16 +253,10 @@ int main(int argc, char** argv) {
             ("transfer-text", po::value(&o.transfer_text), "plain-text file: also score the prompts there (cross-dataset)")
             ("steps", po::value(&o.steps)->default_value(o.steps), "prompt training steps")
             ("lr", po::value(&o.lr)->default_value(o.lr), "prompt learning rate (AdamW)")
-            ("batch", po::value(&o.batch)->default_value(o.batch), "windows per step")
-            ("seq-len", po::value(&o.seq_len)->default_value(o.seq_len), "text tokens per window")
-            ("eval-windows", po::value(&o.eval_windows)->default_value(o.eval_windows), "test windows scored")
-            ("calibration-windows", po::value(&o.calibration_windows)->default_value(o.calibration_windows),
-             "Brown train windows that calibrate the compression")
-            ("seed", po::value(&o.seed)->default_value(o.seed), "seed of batches, calibration and prompt initialisation")
             ("out", po::value(&o.out), "keep the learned prompts here (default: a temporary folder, removed)")
             ("prompts-from", po::value(&o.prompts_from),
-             "do not train: score the prompts an earlier run kept with --out in this folder (same compressions, lengths)")
-            ("json", po::value(&o.json), "write every number as JSON to this file");
+             "do not train: score the prompts an earlier run kept with --out in this folder (same compressions, lengths)");
+        experiment::add_run_options(opts, o);
         po::variables_map vm;
         if (!cli::parse(argc, argv, opts, vm)) return 0;
         for (auto [flag, v] : {std::pair{"steps", o.steps}, {"batch", o.batch}, {"seq-len", o.seq_len},

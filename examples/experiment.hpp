@@ -152,6 +152,22 @@ inline std::string short_name(const compress::Recipe& r) {
     return s;
 }
 
+// The flags every experiment program takes for its data and its output; O has brown_dir, batch,
+// seq_len, eval_windows, calibration_windows, seed and json.
+template <class O>
+void add_run_options(boost::program_options::options_description& opts, O& o) {
+    namespace po = boost::program_options;
+    opts.add_options()
+        ("brown-dir", po::value(&o.brown_dir)->default_value(o.brown_dir), "where scripts/setup put the Brown corpus")
+        ("batch", po::value(&o.batch)->default_value(o.batch), "windows per step and per scored batch")
+        ("seq-len", po::value(&o.seq_len)->default_value(o.seq_len), "text tokens per window")
+        ("eval-windows", po::value(&o.eval_windows)->default_value(o.eval_windows), "Brown test windows scored")
+        ("calibration-windows", po::value(&o.calibration_windows)->default_value(o.calibration_windows),
+         "Brown train windows that calibrate the compression")
+        ("seed", po::value(&o.seed)->default_value(o.seed), "seed of batches, calibration, splits and prompt initialisation")
+        ("json", po::value(&o.json), "write every number as JSON to this file");
+}
+
 // Fraction of the compression gap (compressed - dense perplexity) that `ppl` wins back.
 inline double gap_recovered(double dense, double compressed, double ppl) {
     return compressed > dense ? (compressed - ppl) / (compressed - dense) : 0.0;

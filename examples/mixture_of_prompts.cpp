@@ -308,7 +308,6 @@ int main(int argc, char** argv) {
         opts.add_options()
             ("help,h", "show this help")
             ("model", po::value(&o.model)->default_value(o.model), "base model folder (models/dense-brown or models/switch-brown)")
-            ("brown-dir", po::value(&o.brown_dir)->default_value(o.brown_dir), "where scripts/setup put the Brown corpus")
             ("compressions", po::value(&o.compressions)->default_value(o.compressions),
              "comma-separated compressions (N:M = N of every M zeroed), as in compress_then_prompt")
             ("experts", po::value(&o.experts)->default_value(o.experts), "MoP experts (7 = one per genre group, gate pretrained)")
@@ -328,16 +327,10 @@ int main(int argc, char** argv) {
              "L_int values compared on the first compression (none: no such ablation)")
             ("ablate-per-expert", po::value(&o.ablate_per_expert)->default_value(o.ablate_per_expert),
              "prompts-per-expert values compared on the first compression (none: no such ablation)")
-            ("batch", po::value(&o.batch)->default_value(o.batch), "windows per step")
-            ("seq-len", po::value(&o.seq_len)->default_value(o.seq_len), "text tokens per window")
-            ("eval-windows", po::value(&o.eval_windows)->default_value(o.eval_windows), "test windows scored")
-            ("calibration-windows", po::value(&o.calibration_windows)->default_value(o.calibration_windows),
-             "Brown train windows that calibrate the pruning")
-            ("seed", po::value(&o.seed)->default_value(o.seed), "seed of batches, calibration, split and prompts")
             ("ablation-only", po::bool_switch(&o.ablation_only),
              "run only the ablations (on the first compression), not the settings' tables: to spread a sweep over processes")
-            ("out", po::value(&o.out), "write gate heatmaps (before/after, per compression) here")
-            ("json", po::value(&o.json), "write every number as JSON to this file");
+            ("out", po::value(&o.out), "write gate heatmaps (before/after, per compression) here");
+        experiment::add_run_options(opts, o);
         po::variables_map vm;
         if (!cli::parse(argc, argv, opts, vm)) return 0;
         for (auto [flag, v] : {std::pair{"experts", o.experts}, {"per-expert", o.per_expert}, {"gate-dim", o.gate_dim},

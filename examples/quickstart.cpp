@@ -182,7 +182,6 @@ int main(int argc, char** argv) {
         opts.add_options()
             ("help,h", "show this help")
             ("model", po::value(&o.model)->default_value(o.model), "dense Llama model folder (config.json, tokenizer.model)")
-            ("brown-dir", po::value(&o.brown_dir)->default_value(o.brown_dir), "where scripts/setup put the Brown corpus")
             ("method", po::value(&o.method)->default_value(o.method), "magnitude, wanda, sparsegpt, nm (SparseGPT N:M), rtn or gptq")
             ("sparsity", po::value(&o.sparsity)->default_value(o.sparsity), "unstructured pruning: fraction of each row zeroed")
             ("nm-zero", po::value(&o.nm_zero)->default_value(o.nm_zero), "--method nm: weights ZEROED in every group of --nm-group")
@@ -197,14 +196,8 @@ int main(int argc, char** argv) {
             ("gate-steps", po::value(&o.gate_steps)->default_value(o.gate_steps), "MoP gate pretraining steps")
             ("lr", po::value(&o.lr)->default_value(o.lr), "soft prompt learning rate (AdamW)")
             ("mop-lr", po::value(&o.mop_lr)->default_value(o.mop_lr), "MoP learning rate (AdamW)")
-            ("batch", po::value(&o.batch)->default_value(o.batch), "windows per step")
-            ("seq-len", po::value(&o.seq_len)->default_value(o.seq_len), "text tokens per window")
-            ("eval-windows", po::value(&o.eval_windows)->default_value(o.eval_windows), "Brown test windows scored")
-            ("calibration-windows", po::value(&o.calibration_windows)->default_value(o.calibration_windows),
-             "Brown train windows that calibrate the compression")
-            ("seed", po::value(&o.seed)->default_value(o.seed), "seed of batches, calibration and prompt initialisation")
-            ("work", po::value(&o.work), "folder for the compressed model (default: a temporary folder, removed)")
-            ("json", po::value(&o.json), "write the result as JSON to this file");
+            ("work", po::value(&o.work), "folder for the compressed model (default: a temporary folder, removed)");
+        experiment::add_run_options(opts, o);
         po::variables_map vm;
         if (!cli::parse(argc, argv, opts, vm)) return 0;
         for (auto [flag, v] : {std::pair{"prompt-len", o.prompt_len}, {"experts", o.experts}, {"per-expert", o.per_expert},

@@ -447,7 +447,6 @@ int main(int argc, char** argv) {
         opts.add_options()
             ("help,h", "show this help")
             ("model", po::value(&o.model)->default_value(o.model), "Switch model folder (config.json, tokenizer.model)")
-            ("brown-dir", po::value(&o.brown_dir)->default_value(o.brown_dir), "where scripts/setup put the Brown corpus")
             ("compression", po::value(&o.compression)->default_value(o.compression),
              "recipe of the compressed runs: sparsegpt:0.5, wanda:2:4, gptq:4, rtn:3:64, int8, sparsegpt:0.5+gptq:4")
             ("prompt-len", po::value(&o.prompt_len)->default_value(o.prompt_len), "soft prompt vectors K")
@@ -455,14 +454,8 @@ int main(int argc, char** argv) {
             ("lr", po::value(&o.lr)->default_value(o.lr), "prompt learning rate (AdamW)")
             ("aux-coef", po::value(&o.aux_coef)->default_value(o.aux_coef),
              "alpha of the load-balancing loss alpha * E * sum f*P in the aux-on runs")
-            ("batch", po::value(&o.batch)->default_value(o.batch), "windows per step and per scored batch")
-            ("seq-len", po::value(&o.seq_len)->default_value(o.seq_len), "text tokens per window")
-            ("eval-windows", po::value(&o.eval_windows)->default_value(o.eval_windows), "Brown test windows scored")
-            ("calibration-windows", po::value(&o.calibration_windows)->default_value(o.calibration_windows),
-             "Brown train windows that calibrate the compression")
-            ("seed", po::value(&o.seed)->default_value(o.seed), "seed of batches, calibration and prompt initialisation")
-            ("out", po::value(&o.out)->default_value(o.out), "folder for the expert-load charts ('' : none)")
-            ("json", po::value(&o.json), "write every number as JSON to this file");
+            ("out", po::value(&o.out)->default_value(o.out), "folder for the expert-load charts ('' : none)");
+        experiment::add_run_options(opts, o);
         po::variables_map vm;
         if (!cli::parse(argc, argv, opts, vm)) return 0;
         for (auto [flag, v] : {std::pair{"prompt-len", o.prompt_len}, {"steps", o.steps}, {"batch", o.batch},
