@@ -6,6 +6,7 @@
 #include "mopt/autodiff/ops/activation.hpp"
 #include "mopt/autodiff/ops/norm.hpp"
 #include "mopt/autodiff/ops/softmax.hpp"
+#include "mopt/autodiff/ops/distill.hpp"
 #include "mopt/autodiff/ops/embedding.hpp"
 #include "mopt/autodiff/ops/sequence.hpp"
 #include "mopt/autodiff/ops/rope.hpp"
