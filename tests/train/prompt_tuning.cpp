@@ -257,3 +257,174 @@ TEST_CASE("A non-finite loss stops prompt tuning with an error naming the step",
     CHECK_THROWS_WITH(train::tune_prompt(m, train, nullptr, quiet({.steps = 5})),
                       Catch::Contains("step 1") && Catch::Contains("nan"));
 }
+
+// ---- Knowledge distillation from the dense model ----
+
+namespace {
+
+// The dense teacher: the student's base as another type (no prompt slot), the same weights.
+using DenseModel = nn::Transformer<nn::Llama, nn::DenseFFN<>, compress::None>;
+
+DenseModel dense_teacher() {
+    DenseModel m(tiny_config(), 11);
+    test::randomize_matrices(m, 5, 0.3f);
+    return m;
+}
+
+// A "compressed" student: the dense weights with every other value of each matrix zeroed.
+SoftModel pruned_student(const prompt::PromptConfig& pc) {
+    SoftModel m = tiny_model<SoftModel>(pc);
+    m.visit_parameters([](autodiff::Parameter& p) {
+        if (p.shape().rank() == 2)
+            for (std::int64_t i = 0; i < p.numel(); i += 2) p.value().f32()[i] = 0.0f;
+    });
+    return m;
+}
+
+// The mean KL(teacher ‖ student) over `batches` (student with its prompt): the distillation loss
+// less the teacher's entropy (the loss of the teacher against itself).
+double mean_kl(SoftModel& student, const train::Teacher& teacher, data::Batches& batches) {
+    autodiff::NoGrad no_grad;
+    autodiff::Tape tape;
+    data::Batch b;
+    batches.start_epoch(0);
+    double total = 0.0;
+    int n = 0;
+    while (batches.next(b)) {
+        tape.reset();
+        const nn::ForwardOutput out = student.forward(tape, b.ids);
+        const Tensor t = teacher(b.ids);
+        total += autodiff::soft_cross_entropy(out.logits, t, {.targets = &b.targets}).item() -
+                 autodiff::soft_cross_entropy(tape.constant(t), t, {.targets = &b.targets}).item();
+        ++n;
+    }
+    return total / n;
+}
+
+}  // namespace
+
+TEST_CASE("Distillation from the dense model lowers the student's KD loss and moves only the prompt",
+          "[train][prompt][distill]") {
+    const test::TempDir tmp("mopt_prompt_kd");
+    DenseModel dense = dense_teacher();
+    {  // the teacher is the student's own base: the same weights, another type
+        SoftModel base = tiny_model<SoftModel>({.length = 4, .init = prompt::PromptInit::uniform, .seed = 1});
+        REQUIRE(same(model_weights(dense), model_weights(base)));
+    }
+    SoftModel student = pruned_student({.length = 4, .init = prompt::PromptInit::uniform, .seed = 1});
+    const std::vector<Tensor> weights = model_weights(student), prompt0 = prompt_values(student);
+    int calls = 0;
+    const train::Teacher dense_logits = train::teacher_of(dense);
+    const train::Teacher counted = [&](const Tensor& ids) {
+        ++calls;
+        return dense_logits(ids);
+    };
+    data::Batches train = batches(4, 1), val = batches(2, 2);
+    const double before = mean_kl(student, dense_logits, val);
+    const train::PromptTuningResult r = train::tune_prompt(
+        student, train, &val,
+        quiet({.steps = 40, .lr = 5e-2f, .warmup = 4, .teacher = counted, .kd_weight = 1.0f, .eval_every = 20,
+               .run_dir = tmp / "run"}));
+    const double after = mean_kl(student, dense_logits, val);
+    // The same run on the LM loss alone: it fits the text, not the teacher (the KL grows here).
+    SoftModel lm = pruned_student({.length = 4, .init = prompt::PromptInit::uniform, .seed = 1});
+    data::Batches train2 = batches(4, 1);
+    train::tune_prompt(lm, train2, &val, quiet({.steps = 40, .lr = 5e-2f, .warmup = 4, .eval_every = 20}));
+    const double after_lm = mean_kl(lm, dense_logits, val);
+    INFO("validation KL(teacher || student) " << before << " -> " << after << " (LM loss: " << after_lm << ")");
+    CHECK(calls == 40);  // once per step, validation does not run the teacher
+    CHECK(after < 0.85 * before);
+    CHECK(after < 0.8 * after_lm);
+    CHECK(same(model_weights(student), weights));
+    CHECK_FALSE(same(prompt_values(student), prompt0));
+    CHECK(std::isfinite(r.last_kd_loss));
+    // Validation (and the best prompt) stay on the LM perplexity.
+    CHECK(r.best_val_ppl == Approx(eval::corpus_perplexity(student, val).ppl()).epsilon(1e-6));
+    const auto log = csv_numbers(tmp / "run" / "log.csv");
+    REQUIRE(log.size() == 4);  // log_every 10
+    CHECK(log.back().size() == 9);  // kd_loss after val_ppl
+    CHECK(log.back()[8] == Approx(r.last_kd_loss).epsilon(1e-5));
+    CHECK(log.back()[8] < log.front()[8]);
+}
+
+TEST_CASE("kd_weight mixes the LM and KD gradients, and kd_weight = 0 is the LM run without calling the teacher",
+          "[train][prompt][distill]") {
+    const prompt::PromptConfig pc{.length = 3, .init = prompt::PromptInit::uniform, .seed = 4};
+    DenseModel dense = dense_teacher();
+    int calls = 0;
+    const train::Teacher dense_logits = train::teacher_of(dense);
+    const train::Teacher counted = [&](const Tensor& ids) {
+        ++calls;
+        return dense_logits(ids);
+    };
+
+    SECTION("one step: the gradient at w = 0.3 is 0.7 of the LM gradient plus 0.3 of the KD gradient") {
+        SoftModel m = pruned_student(pc);
+        train::freeze_model(m);
+        const auto params = train::prompt_parameters(m);
+        struct KeepGradients {  // an "optimizer" that leaves the prompt and its gradient as they are
+            std::vector<autodiff::Parameter*> ps;
+            const std::vector<autodiff::Parameter*>& parameters() const { return ps; }
+            void step() {}
+        } frozen{params};
+        data::Batches train = batches(4, 1);
+        data::Batch b;
+        train.next_wrapping(b);
+        autodiff::Tape tape;
+        const auto grad_at = [&](float w) {
+            const train::PromptStepResult s = train::prompt_step(
+                m, tape, b, params, frozen, {.clip = 0.0f, .teacher = &counted, .kd_weight = w}, 1);
+            return std::pair{s, params.front()->grad().clone()};
+        };
+        const auto [s0, g0] = grad_at(0.0f);
+        const auto [s1, g1] = grad_at(1.0f);
+        const auto [sm, gm] = grad_at(0.3f);
+        CHECK(calls == 2);  // w = 0 runs no teacher
+        CHECK(s0.kd == 0.0);
+        CHECK(s1.kd > 0.0);
+        CHECK(sm.kd == Approx(s1.kd).epsilon(1e-6));
+        CHECK(sm.loss == Approx(s0.loss).epsilon(1e-6));  // loss is the LM loss whatever w
+        CHECK(max_diff({g0}, {g1}) > 1e-3f);                 // the two objectives pull differently
+        double worst = 0.0;
+        for (std::int64_t k = 0; k < gm.numel(); ++k)
+            worst = std::max(worst, std::abs(gm.f32()[k] - (0.7 * g0.f32()[k] + 0.3 * g1.f32()[k])));
+        CHECK(worst < 1e-6);
+    }
+    SECTION("a whole run at w = 0 leaves the prompt of a run without a teacher") {
+        const auto run = [&](const train::Teacher& t) {
+            SoftModel m = pruned_student(pc);
+            data::Batches train = batches(4, 1), val = batches(2, 2);
+            train::tune_prompt(m, train, &val, quiet({.steps = 20, .lr = 3e-2f, .teacher = t, .eval_every = 5}));
+            return prompt_values(m);
+        };
+        const std::vector<Tensor> plain = run({}), with_teacher = run(counted);
+        CHECK(calls == 0);
+        CHECK(max_diff(plain, with_teacher) < 1e-6f);  // last bits only: see the resume test
+        // ... and distilling leaves another prompt.
+        SoftModel m = pruned_student(pc);
+        data::Batches train = batches(4, 1);
+        train::tune_prompt(m, train, nullptr, quiet({.steps = 20, .lr = 3e-2f, .teacher = counted, .kd_weight = 0.5f}));
+        CHECK(calls == 20);
+        CHECK(max_diff(prompt_values(m), plain) > 1e-3f);
+    }
+}
+
+TEST_CASE("Distillation settings are checked, naming the setting", "[train][prompt][distill]") {
+    SoftModel m = tiny_model<SoftModel>({.length = 2, .init = prompt::PromptInit::uniform});
+    DenseModel dense = dense_teacher();
+    data::Batches train = batches(4, 1);
+    for (const float w : {-0.1f, 1.5f, NAN})
+        CHECK_THROWS_WITH(train::tune_prompt(m, train, nullptr,
+                                             quiet({.steps = 1, .teacher = train::teacher_of(dense), .kd_weight = w})),
+                          Catch::Contains("kd_weight") && Catch::Contains("[0, 1]"));
+    CHECK_THROWS_WITH(train::tune_prompt(m, train, nullptr, quiet({.steps = 1, .kd_weight = 0.5f})),
+                      Catch::Contains("kd_weight") && Catch::Contains("teacher"));
+    CHECK_THROWS_WITH(
+        train::tune_prompt(m, train, nullptr,
+                           quiet({.steps = 1, .teacher = train::teacher_of(dense), .kd_weight = 1.0f, .kd_temperature = 0.0f})),
+        Catch::Contains("kd_temperature"));
+    // A teacher whose logits are not the student's shape (another vocabulary).
+    const train::Teacher wrong = [](const Tensor& ids) { return Tensor::zeros({ids.dim(0), ids.dim(1), 7}); };
+    CHECK_THROWS_WITH(train::tune_prompt(m, train, nullptr, quiet({.steps = 1, .teacher = wrong, .kd_weight = 1.0f})),
+                      Catch::Contains("teacher logits") && Catch::Contains("7]"));
+}

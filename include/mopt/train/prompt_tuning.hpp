@@ -12,14 +12,22 @@
 //                                       only the gate's parameters move, at a constant gate_lr
 //   steps [G, G + S)                    joint training: the next-token loss on the text positions
 //                                       + aux_loss_coef · out.aux_loss (a Switch model's load balance),
+//                                       or with a teacher, (1 − w)·LM + w·KD (below)
 //                                       AdamW (no weight decay by default) with linear warmup and
 //                                       cosine decay (train/schedule.hpp), clipping by global norm
 //   every eval_every joint steps        validation perplexity (eval/corpus_perplexity.hpp, which runs
 //                                       the model's forward, prompt included); the best prompt is kept
 //   the end                             the best prompt is put back into the model
 //
+// Knowledge distillation (Hinton et al. 2015): with a teacher — usually the dense model the student
+// was compressed from — and kd_weight w > 0 the joint objective is (1 − w)·LM + w·KD, KD the
+// soft-target cross-entropy of the student's text logits against the teacher's (τ² · Σ −p log q,
+// autodiff/ops/distill.hpp) on the positions the LM loss counts. The teacher sees the text alone
+// (no prompt); the student's forward returns logits of its text positions only, so row (b, t) of
+// both is the same token. Validation and the choice of the best prompt stay on LM perplexity.
+//
 // With a run folder the loop writes log.csv (step, phase, lr, loss, aux_loss, grad_norm, val_loss,
-// val_ppl) and crash-safe checkpoints (train/checkpoint.hpp) of the prompt, the best prompt so far,
+// val_ppl; kd_loss after them when distilling) and crash-safe checkpoints (train/checkpoint.hpp) of the prompt, the best prompt so far,
 // both optimizers and the step; running again resumes exactly where it stopped (same batches, same
 // moments, same best). A non-finite loss stops the run with an error naming the step.
 #include <atomic>
@@ -28,7 +36,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -79,9 +89,29 @@ void freeze_model(Model& model) {
     });
 }
 
+// A distillation teacher: the logits [B, T, V] of a batch's ids [B, T] (the text, no prompt),
+// computed without gradients. Any callable will do; teacher_of wraps a model.
+using Teacher = std::function<Tensor(const Tensor& ids)>;
+
+// The teacher that runs `model` (forward alone, no tape recording gradients). The model is held by
+// reference and must outlive the Teacher; it may be of another type than the student (e.g. the
+// dense model of a compressed student), as long as it reads the same token ids.
+template <class Model>
+[[nodiscard]] Teacher teacher_of(Model& model) {
+    auto tape = std::make_shared<autodiff::Tape>();
+    return [&model, tape](const Tensor& ids) {
+        autodiff::NoGrad no_grad;
+        tape->reset();
+        return model.forward(*tape, ids).logits.value().clone();  // the tape's arena is reused next call
+    };
+}
+
 struct PromptStepOptions {
     float clip = 1.0f;             // max global gradient norm (0: no clipping)
     float aux_loss_coef = 0.0f;    // weight of out.aux_loss (Switch load balance) in the objective
+    const Teacher* teacher = nullptr;  // knowledge distillation (joint phase), used when kd_weight > 0
+    float kd_weight = 0.0f;        // w: objective (1 − w)·LM + w·KD
+    float kd_temperature = 1.0f;   // τ of the KD loss
     bool gate_phase = false;       // gate pretraining: cross-entropy on gate_logits vs the domain's expert
     const std::vector<std::int32_t>* expert_of_domain = nullptr;  // gate phase; null or empty: domain d -> expert d
 };
@@ -89,6 +119,7 @@ struct PromptStepOptions {
 struct PromptStepResult {
     double loss = 0.0;       // next-token loss on the text (joint) or gate cross-entropy (gate phase)
     double aux = 0.0;        // out.aux_loss (0 when the model has none)
+    double kd = 0.0;         // the distillation loss (0 when kd_weight is 0)
     double grad_norm = 0.0;  // before clipping
     std::int64_t tokens = 0;
 };
@@ -144,11 +175,21 @@ PromptStepResult prompt_step(Model& model, autodiff::Tape& tape, const data::Bat
     } else {
         r.loss = out.loss.item();
         objective = out.loss;
+        if (o.kd_weight > 0.0f) {
+            check(o.teacher != nullptr && *o.teacher, "prompt tuning: kd_weight = ", o.kd_weight, " needs a teacher");
+            const Tensor teacher_logits = (*o.teacher)(batch.ids);
+            const autodiff::Var kd = autodiff::soft_cross_entropy(
+                out.logits, teacher_logits, {.temperature = o.kd_temperature, .targets = &batch.targets});
+            r.kd = kd.item();
+            objective = o.kd_weight == 1.0f ? kd
+                                            : autodiff::add(autodiff::scale(out.loss, 1.0f - o.kd_weight),
+                                                            autodiff::scale(kd, o.kd_weight));
+        }
         if (o.aux_loss_coef != 0.0f && out.aux_loss.defined())
             objective = autodiff::add(objective, autodiff::scale(out.aux_loss, o.aux_loss_coef));
     }
-    check(std::isfinite(r.loss) && std::isfinite(r.aux), "prompt tuning: step ", step, ": the ",
-          o.gate_phase ? "gate" : "training", " loss is ", r.loss, " (aux ", r.aux,
+    check(std::isfinite(r.loss) && std::isfinite(r.aux) && std::isfinite(r.kd), "prompt tuning: step ", step, ": the ",
+          o.gate_phase ? "gate" : "training", " loss is ", r.loss, " (aux ", r.aux, ", kd ", r.kd,
           "); lower the learning rate or lengthen the warmup");
     tape.backward(objective);
     r.grad_norm = o.clip > 0.0f ? clip_grad_norm(opt.parameters(), o.clip) : 0.0;
@@ -166,6 +207,9 @@ struct PromptTuningOptions {
     float weight_decay = 0.0f;                // AdamW decoupled decay of the prompt
     float clip = 1.0f;                        // gradient clipping by global norm (0: none)
     float aux_loss_coef = 0.0f;               // weight of the Switch load-balancing loss
+    Teacher teacher;                          // knowledge distillation: the teacher's logits (teacher_of)
+    float kd_weight = 0.0f;                   // w in [0, 1]: objective (1 − w)·LM + w·KD (0: LM only, no teacher run)
+    float kd_temperature = 1.0f;              // τ > 0 of the KD loss
     std::vector<std::int32_t> expert_of_domain;  // gate pretraining: domain -> expert (empty: identity)
     std::int64_t eval_every = 100;            // joint steps between validations (and at the last step)
     std::int64_t eval_batches = 0;            // validation batches per check (0: the whole split)
@@ -188,7 +232,8 @@ struct PromptTuningResult {
     std::int64_t best_step = -1;      // the step of the best validation perplexity (-1: none measured)
     double best_val_ppl = std::numeric_limits<double>::quiet_NaN();
     double last_val_ppl = std::numeric_limits<double>::quiet_NaN();
-    double last_loss = std::numeric_limits<double>::quiet_NaN();
+    double last_loss = std::numeric_limits<double>::quiet_NaN();     // next-token (LM) loss of the last step
+    double last_kd_loss = std::numeric_limits<double>::quiet_NaN();  // its distillation loss (when kd_weight > 0)
     std::int64_t trainable_params = 0;
     double seconds = 0.0;
     std::vector<std::pair<std::int64_t, double>> validation;  // (step, val ppl) measured in this call
@@ -205,6 +250,12 @@ PromptTuningResult tune_prompt(Model& model, data::Batches& train, data::Batches
           " must be non-negative and not both 0");
     check(o.eval_every > 0, "prompt tuning: eval_every = ", o.eval_every, " must be positive");
     check(o.ckpt_every > 0 && o.log_every > 0, "prompt tuning: ckpt_every and log_every must be positive");
+    check(o.kd_weight >= 0.0f && o.kd_weight <= 1.0f, "prompt tuning: kd_weight = ", o.kd_weight, " must be in [0, 1]");
+    check(o.kd_weight == 0.0f || static_cast<bool>(o.teacher), "prompt tuning: kd_weight = ", o.kd_weight,
+          " needs a teacher (train::teacher_of(dense_model))");
+    check(std::isfinite(o.kd_temperature) && o.kd_temperature > 0.0f, "prompt tuning: kd_temperature = ",
+          o.kd_temperature, " must be positive");
+    const bool distill = o.kd_weight > 0.0f;
     const std::int64_t G = o.gate_pretrain_steps, total = o.gate_pretrain_steps + o.steps;
     const WarmupCosine schedule{.peak_lr = o.lr, .warmup_steps = o.warmup, .total_steps = std::max<std::int64_t>(o.steps, 1),
                                 .min_ratio = o.min_lr_ratio};
@@ -251,10 +302,11 @@ PromptTuningResult tune_prompt(Model& model, data::Batches& train, data::Batches
           ", beyond the ", total, " steps asked for");
 
     std::optional<CsvLog> log;
-    if (!o.run_dir.empty())
-        log.emplace(o.run_dir / "log.csv",
-                    std::vector<std::string>{"step", "phase", "lr", "loss", "aux_loss", "grad_norm", "val_loss", "val_ppl"},
-                    start > 0 ? start : -1);
+    if (!o.run_dir.empty()) {
+        std::vector<std::string> columns{"step", "phase", "lr", "loss", "aux_loss", "grad_norm", "val_loss", "val_ppl"};
+        if (distill) columns.emplace_back("kd_loss");
+        log.emplace(o.run_dir / "log.csv", std::move(columns), start > 0 ? start : -1);
+    }
     std::optional<Progress> progress;
     if (o.show_progress) progress.emplace(total, start, o.log_every, o.progress_out);
     const auto save = [&](std::int64_t step) {
@@ -277,11 +329,17 @@ PromptTuningResult tune_prompt(Model& model, data::Batches& train, data::Batches
         const PromptStepResult s =
             gate_phase ? prompt_step(model, tape, batch, every, gate_opt,
                                      {.clip = o.clip, .gate_phase = true, .expert_of_domain = &o.expert_of_domain}, step + 1)
-                       : prompt_step(model, tape, batch, every, opt, {.clip = o.clip, .aux_loss_coef = o.aux_loss_coef},
+                       : prompt_step(model, tape, batch, every, opt,
+                                     {.clip = o.clip, .aux_loss_coef = o.aux_loss_coef, .teacher = &o.teacher,
+                                      .kd_weight = o.kd_weight, .kd_temperature = o.kd_temperature},
                                      step + 1);
         ++step;
         r.last_loss = s.loss;
-        if (progress) progress->update(step, s.tokens, s.loss, std::string(gate_phase ? "gate " : "") + "lr " + CsvLog::cell(lr));
+        if (distill && !gate_phase) r.last_kd_loss = s.kd;
+        if (progress)
+            progress->update(step, s.tokens, s.loss,
+                             std::string(gate_phase ? "gate " : "") + "lr " + CsvLog::cell(lr) +
+                                 (distill && !gate_phase ? " kd " + CsvLog::cell(s.kd) : std::string()));
         std::string val_loss, val_ppl;
         if (validation != nullptr && !gate_phase && ((step - G) % o.eval_every == 0 || step == total)) {
             const eval::CorpusPerplexity v = eval::corpus_perplexity(model, *validation, o.eval_batches);
@@ -300,9 +358,13 @@ PromptTuningResult tune_prompt(Model& model, data::Batches& train, data::Batches
                                   (better ? " (best)" : " (best " + CsvLog::cell(r.best_val_ppl) + " at step " +
                                                             std::to_string(r.best_step) + ")"));
         }
-        if (log && (step % o.log_every == 0 || !val_ppl.empty() || step == total))
-            log->row({std::to_string(step), gate_phase ? "gate" : "prompt", CsvLog::cell(lr), CsvLog::cell(s.loss),
-                      CsvLog::cell(s.aux), CsvLog::cell(s.grad_norm), val_loss, val_ppl});
+        if (log && (step % o.log_every == 0 || !val_ppl.empty() || step == total)) {
+            std::vector<std::string> cells{std::to_string(step), gate_phase ? "gate" : "prompt", CsvLog::cell(lr),
+                                           CsvLog::cell(s.loss), CsvLog::cell(s.aux), CsvLog::cell(s.grad_norm),
+                                           val_loss, val_ppl};
+            if (distill) cells.push_back(gate_phase ? std::string() : CsvLog::cell(s.kd));
+            log->row(cells);
+        }
         const bool stopping = (o.stop_after > 0 && step - start >= o.stop_after) || (o.stop != nullptr && o.stop->load());
         if (step % o.ckpt_every == 0 || step == total || stopping) save(step);
         if (stopping && step < total) {
