@@ -4,11 +4,14 @@
 //   compress_then_prompt [--model models/dense-brown | models/switch-brown] [--brown-dir data/brown]
 //       [--compressions sparsegpt:0.5,sparsegpt:0.625,sparsegpt:0.75,gptq:4,gptq:3,gptq:2,sparsegpt:0.5+gptq:4]
 //       [--prompt-lens 25,50,100] [--transfer-len 100] [--transfer-text FILE] [--steps 300]
-//       [--out DIR] [--prompts-from DIR] [--json PATH]
+//       [--kd-weight 0] [--kd-temperature 1] [--out DIR] [--prompts-from DIR] [--json PATH]
 //
 // For each compression (examples/experiment.hpp's parse_compression spells them) the base model is
 // compressed (calibrated on Brown train windows), then one soft prompt per length in --prompt-lens is
-// learned on it (AdamW on the prompt only, best validation prompt kept). Three tables:
+// learned on it (AdamW on the prompt only, best validation prompt kept). The prompt's objective is
+// the next-token loss, or with --kd-weight w > 0, (1 − w)·LM + w·KD: knowledge distillation from
+// the dense base model (its next-token distribution at temperature --kd-temperature, Hinton et al.
+// 2015; train/prompt_tuning.hpp); validation stays on perplexity. Three tables:
 //   1. Brown test perplexity: dense, compressed, compressed + K-token prompt, and the share of the
 //      gap (compressed − dense) each prompt wins back;
 //   2. the cross-compression transfer matrix: the --transfer-len prompt learned on one compression
@@ -23,6 +26,7 @@
 // by separate processes, one each, and the tables made by one run over all); --json PATH writes
 // every number with the settings, wall time and machine (scripts/results reads it).
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <optional>
@@ -47,7 +51,7 @@ struct Options {
     std::string compressions = "sparsegpt:0.5,sparsegpt:0.625,sparsegpt:0.75,gptq:4,gptq:3,gptq:2,sparsegpt:0.5+gptq:4";
     std::string prompt_lens = "25,50,100";
     std::int64_t transfer_len = 100, steps = 300, batch = 8, seq_len = 128, eval_windows = 64, calibration_windows = 32;
-    float lr = 0.03f;
+    float lr = 0.03f, kd_weight = 0.0f, kd_temperature = 1.0f;
     std::uint64_t seed = 0;
 };
 
@@ -112,6 +116,8 @@ int run(const Options& o, Model& dense) {
         return (o.prompts_from.empty() ? out : fs::path(o.prompts_from)) / "prompts" / (r.name + "-K" + std::to_string(k));
     };
     const Tensor calibration = compress::calibration_windows(d.train, o.calibration_windows, o.seed);
+    // The distillation teacher: the dense model, run alone (its prompt slot is never built).
+    const train::Teacher teacher = o.kd_weight > 0.0f ? train::teacher_of(dense) : train::Teacher{};
     std::vector<Row> rows;
     std::vector<Model> compressed;  // kept for the transfer matrix
     for (const compress::Recipe& recipe : recipes) {
@@ -130,7 +136,10 @@ int run(const Options& o, Model& dense) {
             pc.seed = o.seed;
             m.init_prompt(pc);
             if (o.prompts_from.empty()) {
-                r.prompted.push_back(experiment::tune_and_score(m, d, {.steps = o.steps, .lr = o.lr}).ppl());
+                r.prompted.push_back(experiment::tune_and_score(m, d,
+                                                                {.steps = o.steps, .lr = o.lr, .teacher = teacher,
+                                                                 .kd_weight = o.kd_weight, .kd_temperature = o.kd_temperature})
+                                         .ppl());
                 io::save_prompt(m.prompt(), prompt_dir(r, k));
             } else {  // learned by an earlier run (e.g. one process per compression), scored here
                 io::load_prompt(m.prompt(), prompt_dir(r, k));
@@ -159,9 +168,12 @@ int run(const Options& o, Model& dense) {
     if (o.out.empty()) fs::remove_all(out, ec);
 
     // Table 1.
-    std::printf("\nBrown test perplexity (%lld windows of %lld tokens), %s, prompts trained %lld steps\n",
+    std::printf("\nBrown test perplexity (%lld windows of %lld tokens), %s, prompts trained %lld steps%s\n",
                 static_cast<long long>(o.eval_windows), static_cast<long long>(T), Model::structure().describe().c_str(),
-                static_cast<long long>(o.steps));
+                static_cast<long long>(o.steps),
+                o.kd_weight > 0.0f ? mopt::detail::concat(" (KD from the dense model, weight ", o.kd_weight, ", temperature ",
+                                                          o.kd_temperature, ")").c_str()
+                                   : "");
     std::printf("  %-28s %8s %9s", "compression", "MB", "ppl");
     for (const auto k : lens) std::printf(" %9s %6s", ("K=" + std::to_string(k)).c_str(), "gap");
     std::printf("\n  %-28s %8.2f %9.2f\n", "dense", bytes_dense / 1e6, ppl_dense);
@@ -218,6 +230,8 @@ int run(const Options& o, Model& dense) {
                      {"rows", jr},
                      {"steps", o.steps},
                      {"lr", o.lr},
+                     {"kd_weight", o.kd_weight},
+                     {"kd_temperature", o.kd_temperature},
                      {"batch", o.batch},
                      {"seq_len", T},
                      {"eval_windows", o.eval_windows},
@@ -253,6 +267,10 @@ int main(int argc, char** argv) {
             ("transfer-text", po::value(&o.transfer_text), "plain-text file: also score the prompts there (cross-dataset)")
             ("steps", po::value(&o.steps)->default_value(o.steps), "prompt training steps")
             ("lr", po::value(&o.lr)->default_value(o.lr), "prompt learning rate (AdamW)")
+            ("kd-weight", po::value(&o.kd_weight)->default_value(o.kd_weight),
+             "w in [0, 1]: train the prompt on (1 - w) next-token loss + w distillation from the dense model (0: no teacher)")
+            ("kd-temperature", po::value(&o.kd_temperature)->default_value(o.kd_temperature),
+             "temperature of the distillation loss (> 0)")
             ("out", po::value(&o.out), "keep the learned prompts here (default: a temporary folder, removed)")
             ("prompts-from", po::value(&o.prompts_from),
              "do not train: score the prompts an earlier run kept with --out in this folder (same compressions, lengths)");
@@ -263,6 +281,9 @@ int main(int argc, char** argv) {
                                {"eval-windows", o.eval_windows}, {"calibration-windows", o.calibration_windows}})
             usage_check(v >= 1, "--", flag, " must be >= 1, got ", v);
         usage_check(o.transfer_len >= 0, "--transfer-len must be >= 0, got ", o.transfer_len);
+        usage_check(o.kd_weight >= 0.0f && o.kd_weight <= 1.0f, "--kd-weight must be in [0, 1], got ", o.kd_weight);
+        usage_check(std::isfinite(o.kd_temperature) && o.kd_temperature > 0.0f, "--kd-temperature must be > 0, got ",
+                    o.kd_temperature);
         usage_check(fs::exists(fs::path(o.model) / "config.json"), "--model ", fs::path(o.model),
                     ": no Hugging Face folder (config.json) there");
         return experiment::with_base_model<prompt::SoftPrompt>(o.model, [&](auto& model) { return run(o, model); });

@@ -176,12 +176,15 @@ inline double gap_recovered(double dense, double compressed, double ppl) {
 struct TuneOptions {
     std::int64_t steps = 300, gate_steps = 0;
     float lr = 0.03f, aux_loss_coef = 0.0f;
+    train::Teacher teacher;                     // knowledge distillation: e.g. train::teacher_of(dense)
+    float kd_weight = 0.0f, kd_temperature = 1.0f;  // objective (1 − w)·LM + w·KD (0: LM only)
     std::int64_t eval_batches = 4;  // validation batches per check
     bool show_progress = true;
 };
 
 // Trains the model's prompt (already built by init_prompt) on the Brown train windows, keeps the
-// best validation prompt, and returns the test perplexity (prompt included) with expert load.
+// best validation prompt, and returns the test perplexity (prompt included) with expert load. With a
+// teacher and kd_weight > 0 the prompt also learns to match the teacher's next-token distribution.
 template <class Model>
 eval::CorpusPerplexity tune_and_score(Model& model, BrownData& d, const TuneOptions& o) {
     train::PromptTuningOptions to{.steps = o.steps,
@@ -189,6 +192,9 @@ eval::CorpusPerplexity tune_and_score(Model& model, BrownData& d, const TuneOpti
                                   .lr = o.lr,
                                   .warmup = o.steps / 10,
                                   .aux_loss_coef = o.aux_loss_coef,
+                                  .teacher = o.teacher,
+                                  .kd_weight = o.kd_weight,
+                                  .kd_temperature = o.kd_temperature,
                                   .eval_every = std::max<std::int64_t>(o.steps / 3, 1),
                                   .eval_batches = o.eval_batches,
                                   .log_every = 25,
