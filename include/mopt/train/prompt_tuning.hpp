@@ -10,9 +10,9 @@
 //                                       of gate_logits [B, E] against the expert of each window's
 //                                       domain (one-to-one: domain d -> expert_of_domain[d], default d);
 //                                       only the gate's parameters move, at a constant gate_lr
-//   steps [G, G + S)                    joint training: the next-token loss on the text positions
+//   steps [G, G + S)                    joint training: the next-token loss on the text positions (LM;
+//                                       with a teacher (1 − w)·LM + w·KD, below)
 //                                       + aux_loss_coef · out.aux_loss (a Switch model's load balance),
-//                                       or with a teacher, (1 − w)·LM + w·KD (below)
 //                                       AdamW (no weight decay by default) with linear warmup and
 //                                       cosine decay (train/schedule.hpp), clipping by global norm
 //   every eval_every joint steps        validation perplexity (eval/corpus_perplexity.hpp, which runs
@@ -27,9 +27,10 @@
 // both is the same token. Validation and the choice of the best prompt stay on LM perplexity.
 //
 // With a run folder the loop writes log.csv (step, phase, lr, loss, aux_loss, grad_norm, val_loss,
-// val_ppl; kd_loss after them when distilling) and crash-safe checkpoints (train/checkpoint.hpp) of the prompt, the best prompt so far,
-// both optimizers and the step; running again resumes exactly where it stopped (same batches, same
-// moments, same best). A non-finite loss stops the run with an error naming the step.
+// val_ppl; kd_loss after them when distilling) and crash-safe checkpoints (train/checkpoint.hpp) of
+// the prompt, the best prompt so far, both optimizers and the step; running again resumes exactly
+// where it stopped (same batches, same moments, same best). A non-finite loss stops the run with an
+// error naming the step.
 #include <atomic>
 #include <chrono>
 #include <cmath>
