@@ -4,12 +4,15 @@
 // prints the same fields for PyTorch and benchmarks/cuda_vs_torch.sh compares them.
 //
 //   shapes: a = d 768, 12 layers, 12 heads, FFN 3072, vocab 32000, batch 8 x 512, K = 100
+//           b = shape a with a Switch feed-forward in every layer: 8 experts of FFN 3072, top-1,
+//               no capacity limit (no row dropped, as Hugging Face's Mixtral), aux loss not trained
 //           c = d 4096, 32 layers, 32 heads, FFN 11008, vocab 32000, batch 1 x 1024, K = 100 (7B)
 //
 // Build (sm_90, no CMake):
 //   nvcc -std=c++20 -O3 -arch=sm_90 -Xcompiler -march=x86-64-v4 --expt-relaxed-constexpr -Iinclude \
 //        benchmarks/cuda_prompt_step.cu -o .cache/bin/cuda/cuda_prompt_step -lcublas -lcublasLt
-// Run: .cache/bin/cuda/cuda_prompt_step [--shapes a,c] [--steps 20] [--warmup 3] [--peak-tflops 989]
+// Run: .cache/bin/cuda/cuda_prompt_step [--shapes a,b,c] [--steps 20] [--warmup 3] [--peak-tflops 989]
+//                                       [--chunk-rows 64]   (b: rows per expert GEMM problem, switch.cuh)
 //
 // Timing: CUDA events on the model's stream around `steps` back-to-back steps after `warmup` ones
 // (the ids/targets upload is inside the timed loop, as in a training loop); step_ms is with the
@@ -17,10 +20,13 @@
 // backward (evaluation), eager. Memory: activation_peak_bytes is the caching allocator's peak over
 // the steps (activations, the prompt and its AdamW state; the weights sit outside it in exact-size
 // buffers, weight_bytes); device_used_bytes is cudaMemGetInfo's total − free at the end (weights,
-// cached blocks, CUDA context, cuBLAS workspaces).
+// cached blocks, CUDA context, cuBLAS workspaces). Switch shapes also print the rows each expert of
+// layer 0 got in the last forward and the busiest expert's load over the mean, over all layers.
 //
 // Model FLOPs (stated, not measured): with N = B·(K+T) positions, T text tokens per sequence,
 //   P_blk = L·(d·(H + 2·Hkv)·Dh + H·Dh·d + 3·d·F)          block matmul weights
+//           (+ d·E per Switch layer for its router: top-1 runs one expert's 3·d·F per token, the
+//           FLOPs of the dense FFN; the padding rows of the expert GEMMs are not counted)
 //   head  = 2·B·T·d·V                                    logits of the text rows only
 //   attn  = 4·L·B·H·Dh·S(S+1)/2                          causal QKᵀ and PV, S = K + T
 //   forward FLOPs  = 2·N·P_blk + head + attn
@@ -30,6 +36,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -64,11 +71,16 @@ BenchShape shape_by_name(const std::string& name) {
         c.d_model = 768, c.n_layers = 12, c.n_heads = 12, c.n_kv_heads = 12, c.d_ff = 3072;
         return {name, c, {.batch = 8, .seq = 512, .prompt_len = 100}};
     }
+    if (name == "b") {
+        c.d_model = 768, c.n_layers = 12, c.n_heads = 12, c.n_kv_heads = 12, c.d_ff = 3072;
+        c.num_experts = 8, c.experts_per_token = 1, c.expert_interval = 1, c.capacity_factor = 0.0f;
+        return {name, c, {.batch = 8, .seq = 512, .prompt_len = 100}};
+    }
     if (name == "c") {
         c.d_model = 4096, c.n_layers = 32, c.n_heads = 32, c.n_kv_heads = 32, c.d_ff = 11008;
         return {name, c, {.batch = 1, .seq = 1024, .prompt_len = 100}};
     }
-    mopt::check(false, "cuda_prompt_step: unknown shape '", name, "' (a or c)");
+    mopt::check(false, "cuda_prompt_step: unknown shape '", name, "' (a, b or c)");
     return {};
 }
 
@@ -83,7 +95,10 @@ Flops model_flops(const BenchShape& s) {
     const double d = static_cast<double>(c.d_model), H = static_cast<double>(c.n_heads),
                  Hkv = static_cast<double>(c.kv_heads()), Dh = static_cast<double>(c.head_dim()),
                  F = static_cast<double>(c.d_ff), V = static_cast<double>(c.vocab_size), L = static_cast<double>(c.n_layers);
-    const double p_blk = L * (d * (H + 2 * Hkv) * Dh + H * Dh * d + 3 * d * F);
+    double switch_layers = 0;
+    for (std::int64_t l = 0; l < c.n_layers; ++l) switch_layers += c.has_experts(l) ? 1 : 0;
+    const double p_blk = L * (d * (H + 2 * Hkv) * Dh + H * Dh * d + 3 * d * F) +
+                         switch_layers * d * static_cast<double>(c.num_experts);  // routers
     const double head = 2 * B * T * d * V;
     const double attn = L * 4 * B * H * Dh * S * (S + 1) / 2;
     return {2 * N * p_blk + head + attn, 2 * (2 * N * p_blk + head) + 3 * attn};
@@ -120,11 +135,11 @@ std::size_t device_used_bytes() {
     return total - free_bytes;
 }
 
-void run_shape(const BenchShape& s, int steps, int warmup, double peak_tflops) {
+void run_shape(const BenchShape& s, int steps, int warmup, double peak_tflops, std::int64_t chunk_rows) {
     cuda::Allocator& alloc = cuda::Allocator::instance();
     alloc.release_cached();
     const std::size_t used_before = device_used_bytes();
-    cuda::DeviceLlama<bf16> model(s.config, /*seed=*/1234);
+    cuda::DeviceLlama<bf16> model(s.config, /*seed=*/1234, {.expert_chunk_rows = chunk_rows});
     const cuda::LlamaRunShape& r = s.run;
 
     // A batch of random tokens with next-token targets inside each sequence (the last one: -100).
@@ -194,7 +209,27 @@ void run_shape(const BenchShape& s, int steps, int warmup, double peak_tflops) {
        << ", \"fwd_mfu\": " << f.forward / (fwd_ms * 1e-3) / peak << ", \"peak_tflops\": " << peak_tflops
        << ", \"activation_peak_bytes\": " << st.peak_bytes << ", \"weight_bytes\": " << model.weight_bytes()
        << ", \"device_used_bytes\": " << device_used_bytes() << ", \"device_used_before_bytes\": " << used_before
-       << ", \"loss\": " << loss << ", \"eval_loss\": " << eval_loss << "}";
+       << ", \"loss\": " << loss << ", \"eval_loss\": " << eval_loss;
+    if (s.config.num_experts > 0) {
+        // The routing of the last (evaluation) forward: layer 0's rows per expert, drops, max / mean load.
+        const std::vector<cuda::SwitchStats> routing = model.expert_stats();
+        double worst = 0;
+        std::int64_t dropped = 0;
+        for (const cuda::SwitchStats& st : routing) {
+            std::int64_t most = 0;
+            for (std::int64_t a : st.assigned) most = std::max(most, a);
+            worst = std::max(worst, static_cast<double>(most) * static_cast<double>(st.assigned.size()) /
+                                        static_cast<double>(st.tokens));
+            dropped += st.dropped;
+        }
+        os << ", \"experts\": " << s.config.num_experts << ", \"experts_per_token\": " << s.config.experts_per_token
+           << ", \"capacity_factor\": " << s.config.capacity_factor << ", \"expert_chunk_rows\": " << chunk_rows
+           << ", \"expert_rows_layer0\": [";
+        for (std::size_t e = 0; e < routing.at(0).assigned.size(); ++e)
+            os << (e ? ", " : "") << routing[0].assigned[e];
+        os << "], \"expert_load_max_over_mean\": " << worst << ", \"expert_rows_dropped\": " << dropped;
+    }
+    os << "}";
     std::printf("%s\n", os.str().c_str());
     std::fflush(stdout);
 }
@@ -204,6 +239,7 @@ void run_shape(const BenchShape& s, int steps, int warmup, double peak_tflops) {
 int main(int argc, char** argv) {
     std::string shapes = "a,c";
     int steps = 20, warmup = 3;
+    std::int64_t chunk_rows = 64;
     double peak_tflops = 989.0;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
@@ -218,9 +254,10 @@ int main(int argc, char** argv) {
         else if (a == "--steps") steps = std::atoi(value().c_str());
         else if (a == "--warmup") warmup = std::atoi(value().c_str());
         else if (a == "--peak-tflops") peak_tflops = std::atof(value().c_str());
+        else if (a == "--chunk-rows") chunk_rows = std::atoll(value().c_str());
         else {
-            std::fprintf(stderr,
-                         "usage: cuda_prompt_step [--shapes a,c] [--steps 20] [--warmup 3] [--peak-tflops 989]\n");
+            std::fprintf(stderr, "usage: cuda_prompt_step [--shapes a,b,c] [--steps 20] [--warmup 3] [--peak-tflops 989] "
+                                 "[--chunk-rows 64]\n");
             return 2;
         }
     }
@@ -235,7 +272,7 @@ int main(int argc, char** argv) {
     try {
         std::stringstream list(shapes);
         for (std::string name; std::getline(list, name, ',');)
-            if (!name.empty()) run_shape(shape_by_name(name), steps, warmup, peak_tflops);
+            if (!name.empty()) run_shape(shape_by_name(name), steps, warmup, peak_tflops, chunk_rows);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "cuda_prompt_step: %s\n", e.what());
         return 1;

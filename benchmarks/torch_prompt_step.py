@@ -10,11 +10,19 @@ attention over [prompt; text], logits of the T text rows only (logits_to_keep), 
 against the next tokens (-100 at each sequence's end), backward to the prompt alone (every model
 weight has requires_grad False, so no weight gradient is computed), AdamW on the prompt.
 
+Shape b is shape a with a mixture-of-experts feed-forward in every layer: Hugging Face's
+MixtralForCausalLM with num_local_experts=8, num_experts_per_tok=1 (no capacity limit, no token
+dropped; the routing weight of top-1 renormalises to 1, so unlike the Switch layer of mopt its router
+gets no gradient, which costs the same matmuls). --experts-impl picks transformers' experts
+implementation ("eager": a Python loop over the experts; "grouped_mm", "batched_mm"; default: what
+transformers picks, grouped_mm in 5.x where torch has it); the JSON line records the one used.
+
   python3 benchmarks/torch_prompt_step.py [--shapes a,c] [--steps 20] [--warmup 3] [--modes eager,compile]
-                                          [--peak-tflops 989]
+                                          [--peak-tflops 989] [--experts-impl eager|grouped_mm|batched_mm]
 
 Model FLOPs are counted with the formula in cuda_prompt_step.cu (the forward's matmuls, twice the
-matmuls' dX half for the backward, attention backward = 2 x forward).
+matmuls' dX half for the backward, attention backward = 2 x forward; a top-1 MoE layer: the dense
+FFN's matmuls plus the router's).
 """
 import argparse
 import json
@@ -26,6 +34,8 @@ import torch.nn.functional as F
 SHAPES = {
     "a": dict(d_model=768, layers=12, heads=12, kv_heads=12, d_ff=3072, vocab=32000, batch=8, seq=512,
               prompt_len=100),
+    "b": dict(d_model=768, layers=12, heads=12, kv_heads=12, d_ff=3072, vocab=32000, batch=8, seq=512,
+              prompt_len=100, experts=8, experts_per_token=1),
     "c": dict(d_model=4096, layers=32, heads=32, kv_heads=32, d_ff=11008, vocab=32000, batch=1, seq=1024,
               prompt_len=100),
 }
@@ -37,34 +47,60 @@ def model_flops(s):
     N = B * S
     d, H, Hkv, F_, V, L = s["d_model"], s["heads"], s["kv_heads"], s["d_ff"], s["vocab"], s["layers"]
     Dh = d // H
-    p_blk = L * (d * (H + 2 * Hkv) * Dh + H * Dh * d + 3 * d * F_)
+    p_blk = L * (d * (H + 2 * Hkv) * Dh + H * Dh * d + 3 * d * F_ + d * s.get("experts", 0))  # + routers
     head = 2 * B * T * d * V
     attn = L * 4 * B * H * Dh * S * (S + 1) / 2
     return 2 * N * p_blk + head + attn, 2 * (2 * N * p_blk + head) + 3 * attn
 
 
-def build_model(s):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model(s, experts_impl=None):
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["d_model"], intermediate_size=s["d_ff"],
-                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                         num_key_value_heads=s["kv_heads"], max_position_embeddings=2048, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")
+    sizes = dict(vocab_size=s["vocab"], hidden_size=s["d_model"], intermediate_size=s["d_ff"],
+                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                 max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False,
+                 attn_implementation="sdpa")
+    if s.get("experts"):
+        config = MixtralConfig(**sizes, num_local_experts=s["experts"], num_experts_per_tok=s["experts_per_token"],
+                               output_router_logits=False)
+        model_class = MixtralForCausalLM
+    else:
+        config = LlamaConfig(**sizes)
+        model_class = LlamaForCausalLM
     # Built in bf16 directly on the GPU: a 7B model never exists in f32 or on the host.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = LlamaForCausalLM(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(previous)
     model.to(device="cuda", dtype=torch.bfloat16)
     model.requires_grad_(False)  # frozen: only the prompt is trained
     model.eval()                 # no dropout (attention_dropout is 0 anyway); gradients still reach inputs_embeds
+    if s.get("experts") and experts_impl:
+        if hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation(experts_impl)
+        else:
+            print(f"torch_prompt_step: warning: transformers {transformers_version()} cannot set the experts "
+                  f"implementation; --experts-impl {experts_impl} ignored", file=sys.stderr)
     attn = getattr(model.config, "_attn_implementation", None)
     if attn != "sdpa":
         print(f"torch_prompt_step: warning: attention implementation is {attn!r}, not 'sdpa'", file=sys.stderr)
     return model
+
+
+def transformers_version():
+    import transformers
+
+    return transformers.__version__
+
+
+def experts_implementation(model, s):
+    """The experts implementation a MoE model runs (None for dense shapes or transformers without the choice)."""
+    if not s.get("experts"):
+        return None
+    return getattr(model.config, "_experts_implementation", None) or "eager (transformers without the choice)"
 
 
 def make_loss(model, K, T):
@@ -93,12 +129,12 @@ def time_ms(fn, steps, warmup):
     return start.elapsed_time(end) / steps
 
 
-def run_shape(name, modes, steps, warmup, peak_tflops):
+def run_shape(name, modes, steps, warmup, peak_tflops, experts_impl=None):
     s = SHAPES[name]
     B, T, K, d, V = s["batch"], s["seq"], s["prompt_len"], s["d_model"], s["vocab"]
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
-    model = build_model(s)
+    model = build_model(s, experts_impl)
     weight_bytes = torch.cuda.memory_allocated() - base
     params = sum(p.numel() for p in model.parameters())
 
@@ -144,6 +180,8 @@ def run_shape(name, modes, steps, warmup, peak_tflops):
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         import transformers
 
+        moe = {"experts": s["experts"], "experts_per_token": s["experts_per_token"],
+               "experts_implementation": experts_implementation(model, s)} if s.get("experts") else {}
         print(json.dumps({
             "impl": f"torch_{mode}", "shape": name, "device": props.name, "dtype": "bf16", "d_model": d,
             "layers": s["layers"], "heads": s["heads"], "kv_heads": s["kv_heads"], "d_ff": s["d_ff"], "vocab": V,
@@ -155,7 +193,7 @@ def run_shape(name, modes, steps, warmup, peak_tflops):
             "activation_peak_bytes": torch.cuda.max_memory_allocated() - base - weight_bytes,
             "weight_bytes": weight_bytes, "device_used_bytes": total - free,
             "loss": float(last["loss"]), "eval_loss": float(last["eval_loss"]),
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__, **moe,
         }), flush=True)
         del opt, prompt, loss_fn, last
         torch.cuda.empty_cache()
@@ -171,6 +209,8 @@ def main():
     ap.add_argument("--modes", default="eager,compile", help="eager, compile or both (comma-separated)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="dense bf16 peak for MFU (H100 SXM 989, H100 PCIe 756)")
+    ap.add_argument("--experts-impl", default=None, choices=["eager", "grouped_mm", "batched_mm"],
+                    help="MoE shapes: transformers' experts implementation (default: transformers' choice)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("torch_prompt_step: no CUDA device")
@@ -181,7 +221,7 @@ def main():
     for name in [n for n in args.shapes.split(",") if n]:
         if name not in SHAPES:
             sys.exit(f"torch_prompt_step: unknown shape {name!r} ({', '.join(SHAPES)})")
-        run_shape(name, modes, args.steps, args.warmup, args.peak_tflops)
+        run_shape(name, modes, args.steps, args.warmup, args.peak_tflops, args.experts_impl)
 
 
 if __name__ == "__main__":

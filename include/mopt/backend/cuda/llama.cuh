@@ -27,6 +27,12 @@
 // backward; the backward overwrites them with their gradients). The normed inputs and the SwiGLU
 // output are not saved: a frozen weight needs no dW = Xᵀ·dY, so nothing reads them in the backward.
 //
+// Switch models (config.num_experts > 0, top-1): the layers config.has_experts(l) marks run
+// switch.cuh's DeviceSwitchFFN in place of the dense feed-forward, x' = x_mid + p·E_i(norm(x_mid)),
+// and save its routing instead of gate|up; the backward goes through the experts and the router, and
+// adds LlamaOptions::aux_loss_weight × the layers' auxiliary losses to the objective (as
+// train::prompt_step's aux_loss_coef). expert_stats() reads the last forward's routing.
+//
 // T = float or __nv_bfloat16 is the storage of weights and activations (chosen at construction);
 // norm weights, statistics, the prompt master copy and its gradient are f32; math is f32.
 #include <cuda_bf16.h>
@@ -50,6 +56,7 @@
 #include "mopt/backend/cuda/llama_weights.hpp"
 #include "mopt/backend/cuda/norm.cuh"
 #include "mopt/backend/cuda/rope.cuh"
+#include "mopt/backend/cuda/switch.cuh"
 #include "mopt/nn/config.hpp"
 
 namespace mopt::backend::cuda {
@@ -69,6 +76,8 @@ struct LlamaRunShape {
 struct LlamaOptions {
     GemmCompute compute = GemmCompute::f32;                // f32 models: exact f32 or tf32 GEMMs
     AttentionKernel attention = AttentionKernel::automatic;  // bf16: tensor cores when aligned
+    float aux_loss_weight = 0.0f;         // Switch: the objective is loss + this × Σ layers' aux loss
+    std::int64_t expert_chunk_rows = 64;  // Switch: rows per expert GEMM problem (switch.cuh)
 };
 
 // What a forward computes: logits only (evaluation, generation), the loss as well (evaluation), or
@@ -210,6 +219,11 @@ public:
             l.gate_proj = upload<T>(src.gate_proj);
             l.up_proj = upload<T>(src.up_proj);
             l.down_proj = upload<T>(src.down_proj);
+            const auto layer = static_cast<std::int64_t>(layers_.size()) - 1;
+            if (config_.has_experts(layer))
+                l.experts = upload_switch_weights<T>(src.router, src.expert_gate, src.expert_up, src.expert_down,
+                                                     config_.num_experts, config_.d_model, config_.d_ff,
+                                                     layer / config_.expert_interval);
         }
         check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (DeviceLlama weights upload)");
     }
@@ -219,7 +233,8 @@ public:
     // down_proj Normal(0, 0.02/√(2·layers)) (GPT-2), norm weights 1.
     DeviceLlama(const nn::ModelConfig& c, std::uint64_t seed, LlamaOptions opt = {}) : config_(c), opt_(opt) {
         c.validate("DeviceLlama");
-        check(c.num_experts == 0, "DeviceLlama: num_experts = ", c.num_experts, "; only dense SwiGLU models run here");
+        check(c.num_experts == 0 || c.experts_per_token == 1, "DeviceLlama: experts_per_token = ",
+              c.experts_per_token, "; only dense and Switch (top-1) SwiGLU models run here");
         init_stream();
         const std::int64_t d = c.d_model, V = c.vocab_size, F = c.d_ff, q = c.n_heads * c.head_dim(),
                            kv = c.kv_heads() * c.head_dim();
@@ -247,6 +262,14 @@ public:
             w.k_proj = normal(kv * d, 0.02f);
             w.v_proj = normal(kv * d, 0.02f);
             w.o_proj = normal(d * q, residual_std);
+            if (c.has_experts(l)) {  // Switch layer: router and experts instead (nn::SwitchFFN's init)
+                const std::int64_t E = c.num_experts;
+                w.experts.router = normal(E * d, 0.02f);
+                w.experts.gate_up = normal(E * 2 * F * d, 0.02f);
+                w.experts.down = normal(E * d * F, residual_std);
+                w.experts.index = l / c.expert_interval;
+                continue;
+            }
             w.gate_proj = normal(F * d, 0.02f);
             w.up_proj = normal(F * d, 0.02f);
             w.down_proj = normal(d * F, residual_std);
@@ -313,11 +336,17 @@ public:
             la.lse = array(float{}, stats);
             la.rstd_attn = array(float{}, N);
             la.rstd_ffn = array(float{}, N);
-            la.gate = array(T{}, N * F);
-            la.up = array(T{}, N * F);
+            if (!config_.has_experts(l)) {  // Switch layers keep their routing in a.experts
+                la.gate = array(T{}, N * F);
+                la.up = array(T{}, N * F);
+            }
         }
+        if (config_.num_experts > 0)
+            a.experts = DeviceSwitchFFN<T>(SwitchConfig::of(config_, opt_.expert_chunk_rows), N,
+                                           config_.n_layers / config_.expert_interval, compute(), stream_);
         a.normed = array(T{}, N * d);
-        a.ffn_hidden = array(T{}, N * F);
+        const bool dense_ffn = config_.num_experts == 0 || config_.expert_interval > 1;  // any dense layer
+        a.ffn_hidden = array(T{}, dense_ffn ? N * F : 0);
         a.final_normed = array(T{}, N * d);
         a.rstd_final = array(float{}, N);
         a.logits = array(T{}, s.text_rows() * V);
@@ -328,7 +357,7 @@ public:
         a.d_residual = array(T{}, N * d);
         a.d_normed = array(T{}, N * d);
         a.d_norm_input = array(T{}, N * d);
-        a.d_ffn_hidden = array(T{}, N * F);
+        a.d_ffn_hidden = array(T{}, dense_ffn ? N * F : 0);
         a.d_attn_out = array(T{}, N * q);
         a.dq = array(T{}, N * q);
         a.dk = array(T{}, N * kv);
@@ -415,6 +444,11 @@ public:
             // Feed-forward half: x' = x_mid + down(silu(gate) ⊙ up), gate|up = norm(x_mid) W{gate,up}ᵀ
             rms_norm_forward(la.x_mid.data(), w.ffn_norm.data(), a.normed.data(), la.rstd_ffn.data(), N, d, eps,
                              stream_);
+            if (w.experts.routed()) {  // Switch layer: x' = x_mid + p·E_i(norm(x_mid))
+                a.experts.forward(w.experts.index, w.experts.view(), a.normed.data(), la.x_mid.data(),
+                                  a.residual[l + 1].data());
+                continue;
+            }
             linear(a.normed.data(), w.gate_proj.data(), la.gate.data(), N, d, F);  // [N, d] -> [N, F]
             linear(a.normed.data(), w.up_proj.data(), la.up.data(), N, d, F);
             swiglu_forward(la.gate.data(), la.up.data(), a.ffn_hidden.data(), N * F, stream_);
@@ -469,11 +503,15 @@ public:
             const LayerWeights& w = layers_[l];
             LayerActivations& la = a.layer[l];
             // Feed-forward half, x' = x_mid + down(swiglu(gate, up)): dx_mid = dx' + normᵀ(d gate Wg + d up Wu)
-            linear_dgrad(dx, w.down_proj.data(), a.d_ffn_hidden.data(), N, F, d);  // [N, d] -> [N, F]
-            swiglu_backward(la.gate.data(), la.up.data(), a.d_ffn_hidden.data(), la.gate.data(), la.up.data(), N * F,
-                            stream_);  // in place: gate, up now hold d gate, d up
-            linear_dgrad(la.gate.data(), w.gate_proj.data(), a.d_normed.data(), N, d, F);  // [N, F] -> [N, d]
-            linear_dgrad(la.up.data(), w.up_proj.data(), a.d_normed.data(), N, d, F, 1.0f);
+            if (w.experts.routed()) {  // Switch layer: d norm(x_mid) through the experts and the router
+                a.experts.backward(w.experts.index, w.experts.view(), dx, a.d_normed.data(), opt_.aux_loss_weight);
+            } else {
+                linear_dgrad(dx, w.down_proj.data(), a.d_ffn_hidden.data(), N, F, d);  // [N, d] -> [N, F]
+                swiglu_backward(la.gate.data(), la.up.data(), a.d_ffn_hidden.data(), la.gate.data(), la.up.data(),
+                                N * F, stream_);  // in place: gate, up now hold d gate, d up
+                linear_dgrad(la.gate.data(), w.gate_proj.data(), a.d_normed.data(), N, d, F);  // [N, F] -> [N, d]
+                linear_dgrad(la.up.data(), w.up_proj.data(), a.d_normed.data(), N, d, F, 1.0f);
+            }
             rms_norm_backward(la.x_mid.data(), w.ffn_norm.data(), la.rstd_ffn.data(), a.d_normed.data(),
                               a.d_norm_input.data(), nullptr, N, d, stream_);
             add(dx, a.d_norm_input.data(), N * d);
@@ -528,6 +566,17 @@ public:
         return v;
     }
     [[nodiscard]] const float* loss_device() const { return acts_.loss.data(); }
+    // Switch models: each Switch layer's routing in the last forward (synchronises; empty when dense).
+    [[nodiscard]] std::vector<SwitchStats> expert_stats() const {
+        return acts_.experts.reserved() ? acts_.experts.stats() : std::vector<SwitchStats>{};
+    }
+    // Switch models: Σ layers' aux_loss_coef·balance + z_loss_coef·z of the last forward, the CPU's
+    // ForwardOutput::aux_loss (synchronises; 0 when dense).
+    [[nodiscard]] double aux_loss() const {
+        double sum = 0.0;
+        for (const SwitchStats& s : expert_stats()) sum += s.aux_loss;
+        return sum;
+    }
     // Logits of the last logits/loss-mode forward as f32 [B, T, vocab] (synchronises).
     [[nodiscard]] std::vector<float> logits_host() const {
         check(acts_.reserved && last_mode_ != ForwardMode::train,
@@ -544,6 +593,7 @@ private:
     struct LayerWeights {
         DeviceBuffer<float> attn_norm, ffn_norm;                                  // [d]
         DeviceBuffer<T> q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;  // [out, in]
+        SwitchExpertWeights<T> experts;  // Switch layers: router and experts (gate/up/down_proj empty)
     };
     // Saved by a forward for backward_to_prompt (N = B·S rows).
     struct LayerActivations {
@@ -571,6 +621,7 @@ private:
         DeviceArray<T> d_attn_out, dq, dk, dv;    // [B, S, H|Hkv, Dh]
         DeviceArray<float> delta;                 // [B, H, S] attention backward scratch
         DeviceArray<T> d_final_normed;            // [N, d], prompt rows 0
+        DeviceSwitchFFN<T> experts;               // Switch layers: their saved routing and scratch
         llama_detail::PinnedArray<std::int32_t> staging[2];  // host [2, B, T] upload slots
     };
 
@@ -592,7 +643,8 @@ private:
         std::int64_t n = static_cast<std::int64_t>(embed_tokens_.size() + lm_head_.size());
         for (const LayerWeights& l : layers_)
             n += static_cast<std::int64_t>(l.q_proj.size() + l.k_proj.size() + l.v_proj.size() + l.o_proj.size() +
-                                           l.gate_proj.size() + l.up_proj.size() + l.down_proj.size());
+                                           l.gate_proj.size() + l.up_proj.size() + l.down_proj.size()) +
+                 l.experts.values();
         return n;
     }
 

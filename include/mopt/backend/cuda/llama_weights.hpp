@@ -1,6 +1,7 @@
 #pragma once
 // LlamaHostWeights: the weights of a Llama-family model (RMSNorm, rotary GQA attention, dense
-// SwiGLU feed-forward) as plain f32 host arrays under Hugging Face's names — what DeviceLlama
+// SwiGLU feed-forward, or a Switch top-1 mixture of SwiGLU experts in the layers
+// config.has_experts(l) marks) as plain f32 host arrays under Hugging Face's names — what DeviceLlama
 // (backend/cuda/llama.cuh) uploads. Plain C++: the CPU model's headers do not compile under nvcc,
 // so a program reads its nn::Transformer into this struct in a g++-compiled file
 // (llama_host_weights(model)) and hands the struct to the CUDA side.
@@ -9,6 +10,9 @@
 //   embed_tokens [vocab, d]   lm_head [vocab, d] (empty when tie_embeddings)   final_norm [d]
 //   per layer: attn_norm, ffn_norm [d]; q_proj [H·Dh, d]; k_proj, v_proj [Hkv·Dh, d];
 //              o_proj [d, H·Dh]; gate_proj, up_proj [F, d]; down_proj [d, F]
+//   Switch layers instead of gate/up/down_proj (E = num_experts; block_sparse_moe.gate and
+//   block_sparse_moe.experts.{e}.w1/w3/w2, Top1 routing: nn::SwitchFFN<Top1, …, SwiGLU>):
+//              router [E, d]; expert_gate, expert_up [E, F, d]; expert_down [E, d, F]
 #include <cstdint>
 #include <map>
 #include <string>
@@ -25,6 +29,7 @@ struct LlamaHostWeights {
     struct Layer {
         std::vector<float> attn_norm, q_proj, k_proj, v_proj, o_proj;
         std::vector<float> ffn_norm, gate_proj, up_proj, down_proj;
+        std::vector<float> router, expert_gate, expert_up, expert_down;  // Switch layers only
     };
     nn::ModelConfig config;
     std::vector<float> embed_tokens;
@@ -35,9 +40,9 @@ struct LlamaHostWeights {
     // Throws naming the first tensor whose size does not match the config.
     void validate() const {
         config.validate("LlamaHostWeights");
-        check(config.num_experts == 0, "LlamaHostWeights: num_experts = ", config.num_experts,
-              "; the CUDA Llama runs dense SwiGLU feed-forwards only");
-        const std::int64_t d = config.d_model, V = config.vocab_size, F = config.d_ff;
+        check(config.num_experts == 0 || config.experts_per_token == 1, "LlamaHostWeights: experts_per_token = ",
+              config.experts_per_token, "; the CUDA Llama runs Switch (top-1) experts only");
+        const std::int64_t d = config.d_model, V = config.vocab_size, F = config.d_ff, E = config.num_experts;
         const std::int64_t q = config.n_heads * config.head_dim(), kv = config.kv_heads() * config.head_dim();
         auto expect = [](const std::vector<float>& t, std::int64_t n, const std::string& name) {
             check(static_cast<std::int64_t>(t.size()) == n, "LlamaHostWeights: ", name, " holds ", t.size(),
@@ -55,9 +60,14 @@ struct LlamaHostWeights {
             expect(w.v_proj, kv * d, p + "self_attn.v_proj.weight");
             expect(w.o_proj, d * q, p + "self_attn.o_proj.weight");
             expect(w.ffn_norm, d, p + "post_attention_layernorm.weight");
-            expect(w.gate_proj, F * d, p + "mlp.gate_proj.weight");
-            expect(w.up_proj, F * d, p + "mlp.up_proj.weight");
-            expect(w.down_proj, d * F, p + "mlp.down_proj.weight");
+            const bool moe = config.has_experts(static_cast<std::int64_t>(l));
+            expect(w.gate_proj, moe ? 0 : F * d, p + "mlp.gate_proj.weight");
+            expect(w.up_proj, moe ? 0 : F * d, p + "mlp.up_proj.weight");
+            expect(w.down_proj, moe ? 0 : d * F, p + "mlp.down_proj.weight");
+            expect(w.router, moe ? E * d : 0, p + "block_sparse_moe.gate.weight");
+            expect(w.expert_gate, moe ? E * F * d : 0, p + "block_sparse_moe.experts.*.w1.weight");
+            expect(w.expert_up, moe ? E * F * d : 0, p + "block_sparse_moe.experts.*.w3.weight");
+            expect(w.expert_down, moe ? E * d * F : 0, p + "block_sparse_moe.experts.*.w2.weight");
         }
         expect(final_norm, d, "model.norm.weight");
         expect(lm_head, config.tie_embeddings ? 0 : V * d, "lm_head.weight");
@@ -65,7 +75,8 @@ struct LlamaHostWeights {
 };
 
 // Copies the weights of a CPU nn::Transformer of the Llama family with a dense SwiGLU
-// feed-forward (any prompt slot; the prompt is not copied). Projections are read through
+// feed-forward or a Switch one (SwitchFFN<Top1, EveryLayer|EveryOtherLayer, SwiGLU>; any prompt
+// slot; the prompt is not copied). Projections are read through
 // Linear::dense_weight(), so a compressed (packed) model comes out dequantised. Compile in a
 // translation unit that includes mopt/nn/transformer.hpp (g++).
 template <class Model>
@@ -73,9 +84,13 @@ template <class Model>
     using std::string_view;
     static_assert(string_view(Model::Norm::name) == "RMSNorm" && !Model::AttentionPolicy::learned_positions,
                   "llama_host_weights: the model needs RMSNorm and rotary positions (the Llama family)");
-    static_assert(string_view(Model::FFN::name) == "DenseFFN" &&
-                      string_view(Model::FFN::Activation::name) == "SwiGLU",
-                  "llama_host_weights: the model needs a dense SwiGLU feed-forward (DenseFFN<SwiGLU>)");
+    static_assert(string_view(Model::FFN::Activation::name) == "SwiGLU",
+                  "llama_host_weights: the model needs a SwiGLU feed-forward (DenseFFN<SwiGLU> or "
+                  "SwitchFFN<Top1, …, SwiGLU>)");
+    if constexpr (Model::FFN::has_experts)
+        static_assert(!Model::FFN::RoutingPolicy::renormalize,
+                      "llama_host_weights: a Switch model needs Top1 routing (SwitchFFN<Top1, …>); TopK "
+                      "(Mixtral) routing does not run on the GPU");
     std::map<std::string, std::vector<float>, std::less<>> by_name;
     auto take = [&](const std::string& name, const auto& tensor) {
         const auto s = tensor.span();
@@ -103,9 +118,24 @@ template <class Model>
         layer.v_proj = pop(p + "self_attn.v_proj.weight");
         layer.o_proj = pop(p + "self_attn.o_proj.weight");
         layer.ffn_norm = pop(p + "post_attention_layernorm.weight");
-        layer.gate_proj = pop(p + "mlp.gate_proj.weight");
-        layer.up_proj = pop(p + "mlp.up_proj.weight");
-        layer.down_proj = pop(p + "mlp.down_proj.weight");
+        if (w.config.has_experts(l)) {
+            const std::string moe = p + "block_sparse_moe.";
+            layer.router = pop(moe + "gate.weight");
+            for (std::int64_t e = 0; e < w.config.num_experts; ++e) {
+                const std::string x = moe + "experts." + std::to_string(e) + ".";
+                auto append = [&](std::vector<float>& to, const std::string& name) {
+                    const std::vector<float> v = pop(x + name);
+                    to.insert(to.end(), v.begin(), v.end());
+                };
+                append(layer.expert_gate, "w1.weight");
+                append(layer.expert_up, "w3.weight");
+                append(layer.expert_down, "w2.weight");
+            }
+        } else {
+            layer.gate_proj = pop(p + "mlp.gate_proj.weight");
+            layer.up_proj = pop(p + "mlp.up_proj.weight");
+            layer.down_proj = pop(p + "mlp.down_proj.weight");
+        }
         w.layers.push_back(std::move(layer));
     }
     w.final_norm = pop("model.norm.weight");

@@ -183,18 +183,20 @@ __device__ inline void store_pack(T* p, const float (&v)[pack<T>]) {
 // chosen expert and logsumexp per row; the row's rank among the earlier rows of the tile that chose
 // the same expert; per tile: rows per expert, Σ p per expert, Σ entropy, Σ logsumexp².
 // logits: f32 [N, E] -> expert, rank: i32 [N]; prob, lse: f32 [N]; tile_counts: i32 [tiles, E];
-// tile_sums: f32 [tiles, E + 2]. Blocks of tile_rows threads; shared: warps·E ints + warps·(E+2) floats.
+// tile_sums: f32 [tiles, E + 2]. Blocks of Tile threads; shared: warps·E ints + warps·(E+2) floats.
+// (Kernels here are templates, so that the header can be included by several translation units.)
+template <int Tile>
 __global__ void route_kernel(const float* logits, int rows, int experts, std::int32_t* expert, float* prob, float* lse,
                              std::int32_t* rank, std::int32_t* tile_counts, float* tile_sums) {
     extern __shared__ unsigned char route_shared[];
-    constexpr int warps = tile_rows / 32;
+    constexpr int warps = Tile / 32;
     int* warp_counts = reinterpret_cast<int*>(route_shared);                      // [warps, E]
     float* warp_sums = reinterpret_cast<float*>(warp_counts + warps * experts);  // [warps, E + 2]
     for (int i = static_cast<int>(threadIdx.x); i < warps * experts; i += blockDim.x) warp_counts[i] = 0;
     __syncthreads();
 
     const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-    const int r = static_cast<int>(blockIdx.x) * tile_rows + static_cast<int>(threadIdx.x);
+    const int r = static_cast<int>(blockIdx.x) * Tile + static_cast<int>(threadIdx.x);
     const bool valid = r < rows;
     const float* row = logits + static_cast<std::int64_t>(valid ? r : 0) * experts;
     float m = -INFINITY;
@@ -318,11 +320,12 @@ __global__ void plan_kernel(std::int32_t* tile_counts, const float* tile_sums, i
 }
 
 // slot[r] = segment[e] + (the tile's first rank of e) + rank[r] while that is below the capacity,
-// else −1 (dropped); perm[slot] = r. Blocks of tile_rows threads, one per row.
+// else −1 (dropped); perm[slot] = r. Blocks of Tile threads, one per row.
+template <int Tile>
 __global__ void assign_kernel(const std::int32_t* expert, const std::int32_t* rank, const std::int32_t* tile_offsets,
                               const std::int32_t* segment, int rows, int experts, int capacity, std::int32_t* slot,
                               std::int32_t* perm) {
-    const int r = static_cast<int>(blockIdx.x) * tile_rows + static_cast<int>(threadIdx.x);
+    const int r = static_cast<int>(blockIdx.x) * Tile + static_cast<int>(threadIdx.x);
     if (r >= rows) return;
     const int e = expert[r];
     const int pos = tile_offsets[static_cast<std::int64_t>(blockIdx.x) * experts + e] + rank[r];
@@ -481,8 +484,9 @@ __global__ void input_grad_kernel(const T* dx_sorted, const std::int32_t* slot, 
     }
 }
 
-// dst[i] = base + i · stride bytes: the chunk pointers of a [chunks · chunk_rows, ld] array.
-__global__ void chunk_pointers_kernel(void** dst, char* base, std::int64_t stride, int count) {
+// dst[i] = base + i · stride values: the chunk pointers of a [chunks · chunk_rows, ld] array.
+template <class T>
+__global__ void chunk_pointers_kernel(void** dst, T* base, std::int64_t stride, int count) {
     for (int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); i < count;
          i += static_cast<int>(gridDim.x * blockDim.x))
         dst[i] = base + i * stride;
@@ -610,7 +614,7 @@ public:
               .b = w.router, .ldb = d, .c = s.logits.data(), .ldc = E, .ab_type = dtype, .c_type = DType::f32,
               .compute = compute_, .stream = stream_});
         constexpr int warps = tile_rows / 32;
-        route_kernel<<<tiles, tile_rows, static_cast<std::size_t>(warps * (2 * E + 2)) * 4, stream_>>>(
+        route_kernel<tile_rows><<<tiles, tile_rows, static_cast<std::size_t>(warps * (2 * E + 2)) * 4, stream_>>>(
             s.logits.data(), n, e, s.expert.data(), s.prob.data(), s.lse.data(), rank_.data(), tile_counts_.data(),
             tile_sums_.data());
         check_launch("switch route", "[", N, ", ", E, "]");
@@ -620,7 +624,7 @@ public:
             2 * F * d, d * F, s.pointers.data() + 2 * chunks_, s.segment.data(), s.counts.data(), s.stats.data(),
             s.perm.data(), c_.aux_loss_coef, c_.z_loss_coef);
         check_launch("switch plan", "[", E, " experts, ", chunks_, " chunks]");
-        assign_kernel<<<tiles, tile_rows, 0, stream_>>>(s.expert.data(), rank_.data(), tile_counts_.data(),
+        assign_kernel<tile_rows><<<tiles, tile_rows, 0, stream_>>>(s.expert.data(), rank_.data(), tile_counts_.data(),
                                                         s.segment.data(), n, e, static_cast<int>(capacity_),
                                                         s.slot.data(), s.perm.data());
         check_launch("switch assign", "[", N, "]");
@@ -724,8 +728,7 @@ private:
     // dst[i] = the i-th chunk of a [P, ld] array of T.
     void fill_pointers(void** dst, T* base, std::int64_t ld) {
         switch_detail::chunk_pointers_kernel<<<static_cast<int>(ceil_div(chunks_, 256)), 256, 0, stream_>>>(
-            dst, reinterpret_cast<char*>(base), c_.chunk_rows * ld * static_cast<std::int64_t>(sizeof(T)),
-            static_cast<int>(chunks_));
+            dst, base, c_.chunk_rows * ld, static_cast<int>(chunks_));
         check_launch("switch chunk pointers", "[", chunks_, "]");
     }
 
