@@ -17,7 +17,7 @@ gets no gradient, which costs the same matmuls). --experts-impl picks transforme
 implementation ("eager": a Python loop over the experts; "grouped_mm", "batched_mm"; default: what
 transformers picks, grouped_mm in 5.x where torch has it); the JSON line records the one used.
 
-  python3 benchmarks/torch_prompt_step.py [--shapes a,c] [--steps 20] [--warmup 3] [--modes eager,compile]
+  python3 benchmarks/torch_prompt_step.py [--shapes a,c] [--steps 20] [--warmup 3] [--modes eager,compile] [--profile]
                                           [--peak-tflops 989] [--experts-impl eager|grouped_mm|batched_mm]
 
 Model FLOPs are counted with the formula in cuda_prompt_step.cu (the forward's matmuls, twice the
@@ -129,7 +129,7 @@ def time_ms(fn, steps, warmup):
     return start.elapsed_time(end) / steps
 
 
-def run_shape(name, modes, steps, warmup, peak_tflops, experts_impl=None):
+def run_shape(name, modes, steps, warmup, peak_tflops, profile=False, experts_impl=None):
     s = SHAPES[name]
     B, T, K, d, V = s["batch"], s["seq"], s["prompt_len"], s["d_model"], s["vocab"]
     torch.cuda.empty_cache()
@@ -176,6 +176,16 @@ def run_shape(name, modes, steps, warmup, peak_tflops, experts_impl=None):
         torch.cuda.reset_peak_memory_stats()
         step_ms = time_ms(step, steps, warmup)
         fwd_ms = time_ms(forward, steps, warmup)
+        if profile:
+            # the step's kernels, by total CUDA time over 3 steps, to stderr (the JSON stays on stdout)
+            from torch.profiler import ProfilerActivity
+            with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+            print(f"# torch_{mode} shape {name}: kernels of 3 steps", file=sys.stderr)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90),
+                  file=sys.stderr, flush=True)
         free, total = torch.cuda.mem_get_info()
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         import transformers
@@ -209,6 +219,8 @@ def main():
     ap.add_argument("--modes", default="eager,compile", help="eager, compile or both (comma-separated)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="dense bf16 peak for MFU (H100 SXM 989, H100 PCIe 756)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the step's kernels by CUDA time (torch.profiler) to stderr")
     ap.add_argument("--experts-impl", default=None, choices=["eager", "grouped_mm", "batched_mm"],
                     help="MoE shapes: transformers' experts implementation (default: transformers' choice)")
     args = ap.parse_args()
@@ -221,7 +233,7 @@ def main():
     for name in [n for n in args.shapes.split(",") if n]:
         if name not in SHAPES:
             sys.exit(f"torch_prompt_step: unknown shape {name!r} ({', '.join(SHAPES)})")
-        run_shape(name, modes, args.steps, args.warmup, args.peak_tflops, args.experts_impl)
+        run_shape(name, modes, args.steps, args.warmup, args.peak_tflops, args.profile, args.experts_impl)
 
 
 if __name__ == "__main__":

@@ -305,6 +305,15 @@ void check_rms_norm(std::int64_t rows, std::int64_t d) {
     EXPECT_CLOSE(to_host(dweight), want_grad.dweight, 1e-4, what + " dweight");
     EXPECT_CLOSE(to_host(dx_only), want_grad.dx, tolerance<T>(), what + " dx (no dweight)");
     EXPECT_CLOSE(to_host(dweight_only), want_grad.dweight, 1e-4, what + " dweight (no dx)");
+
+    // dx += the input gradient: start from a known residual gradient r, expect r + dx.
+    const Floats r = representable<T>(random_floats(rows * d, 1.0f, 24));
+    auto acc = to_device<T>(r);
+    cuda::rms_norm_backward_accumulate(dx_in.data(), dw.data(), rstd.data(), ddy.data(), acc.data(), rows, d);
+    sync("rms_norm_backward_accumulate");
+    Floats want_acc(r.size());
+    for (std::size_t i = 0; i < r.size(); ++i) want_acc[i] = r[i] + want_grad.dx[i];
+    EXPECT_CLOSE(to_host(acc), want_acc, tolerance<T>(), what + " dx accumulated");
 }
 
 template <class T>
@@ -475,6 +484,31 @@ void check_activations() {
     EXPECT_CLOSE(to_host(d_gate), want.d_gate, tolerance<T>(), what + " d_gate");
     EXPECT_CLOSE(to_host(d_up), want.d_up, tolerance<T>(), what + " d_up");
     EXPECT_CLOSE(to_host(d_up_only), want.d_up, tolerance<T>(), what + " d_up (no d_gate)");
+
+    // Packed [rows, 2·width] gate|up (the fused projection's output), the gradients written in place.
+    const std::size_t rows = 97, width = 103, m = rows * width;
+    Floats packed(2 * m);
+    for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t c = 0; c < width; ++c) {
+            packed[r * 2 * width + c] = x[r * width + c];
+            packed[r * 2 * width + width + c] = up[r * width + c];
+        }
+    const Floats gate_m(x.begin(), x.begin() + m), up_m(up.begin(), up.begin() + m), dy_m(dy.begin(), dy.begin() + m);
+    auto dpacked = to_device<T>(packed);
+    auto ddy_m = to_device<T>(dy_m);
+    cuda::DeviceArray<T> y_packed(m);
+    cuda::swiglu_forward_packed(dpacked.data(), y_packed.data(), rows, width);
+    cuda::swiglu_backward_packed(dpacked.data(), ddy_m.data(), dpacked.data(), rows, width);
+    sync("swiglu packed");
+    const ref::SwigluGrads want_m = ref::swiglu_backward(gate_m, up_m, dy_m);
+    Floats want_packed(2 * m);
+    for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t c = 0; c < width; ++c) {
+            want_packed[r * 2 * width + c] = want_m.d_gate[r * width + c];
+            want_packed[r * 2 * width + width + c] = want_m.d_up[r * width + c];
+        }
+    EXPECT_CLOSE(to_host(y_packed), ref::swiglu_forward(gate_m, up_m), tolerance<T>(), what + " packed y");
+    EXPECT_CLOSE(to_host(dpacked), want_packed, tolerance<T>(), what + " packed d_gate|d_up (in place)");
 }
 
 }  // namespace

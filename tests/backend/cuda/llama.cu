@@ -112,6 +112,31 @@ MOPT_CUDA_TEST(prompt_tuner_f32_adamw_matches_cpu) {
                cuda::Allocator::instance().stats().cuda_malloc_calls - mallocs_after_first, " times");
 }
 
+// Clipping by global norm: each step's ‖g‖ before clipping and the prompt after three clipped
+// steps equal train::clip_grad_norm + train::AdamW's; the bound is below every step's norm, so
+// every step clips, and the gradient the step used has norm `clip`.
+MOPT_CUDA_TEST(prompt_tuner_f32_clipping_matches_cpu) {
+    const LlamaCase c{.adamw_steps = 3, .lr = 1e-2f, .weight_decay = 0.01f, .clip = 1e-3f};
+    const LlamaReference ref = mopt::cuda_test::llama_reference(c);
+    for (float norm : ref.step_grad_norms)
+        CUDA_CHECK(norm > 2 * c.clip, "the CPU gradient norm ", norm, " does not exceed the clip ", c.clip,
+                   " enough for the test to clip");
+    cuda::DeviceLlama<float> model(ref.weights);
+    cuda::PromptTuner<float> tuner(model, shape_of(c), ref.prompt, {.lr = c.lr, .weight_decay = c.weight_decay},
+                                   c.clip);
+    for (int s = 0; s < c.adamw_steps; ++s) {
+        tuner.step(ref.ids, ref.targets);
+        CUDA_CHECK(scalar_error(tuner.loss(), ref.step_losses[s]) <= 1e-4, "step ", s + 1, " loss");
+        CUDA_CHECK(scalar_error(tuner.grad_norm(), ref.step_grad_norms[s]) <= 1e-4, "step ", s + 1, " gradient norm ",
+                   tuner.grad_norm(), " vs CPU ", ref.step_grad_norms[s]);
+    }
+    CUDA_CHECK_CLOSE(tuner.prompt(), ref.tuned_prompt, 1e-4, "prompt after 3 clipped AdamW steps");
+    // the gradient the last step used was scaled down to the bound
+    double sq = 0.0;
+    for (float g : tuner.gradient()) sq += static_cast<double>(g) * g;
+    CUDA_CHECK(scalar_error(std::sqrt(sq), c.clip) <= 1e-4, "clipped gradient norm ", std::sqrt(sq), " vs ", c.clip);
+}
+
 // bf16: one step's AdamW update equals train/adamw.hpp's formula on the gradient the GPU computed;
 // then a tuner replaying a CUDA graph follows the eager tuner step for step, without cudaMalloc.
 MOPT_CUDA_TEST(prompt_tuner_bf16_graph_replays_eager_steps) {

@@ -3,6 +3,7 @@
 
 #include <bit>
 #include <cmath>
+#include <limits>
 #include <random>
 
 // linear_role.hpp first: it names detail::concat inside mopt::nn, which is ambiguous once
@@ -13,6 +14,7 @@
 #include <mopt/nn/transformer.hpp>
 #include <mopt/prompt/soft_prompt.hpp>
 #include <mopt/train/adamw.hpp>
+#include <mopt/train/grad_clip.hpp>
 
 namespace mopt::cuda_test {
 
@@ -92,6 +94,9 @@ LlamaReference llama_reference(const LlamaCase& c) {
         nn::ForwardOutput out = model.forward(tape, ids, {.targets = &targets});
         r.step_losses.push_back(static_cast<float>(out.loss.item()));
         tape.backward(out.loss);
+        // clip_grad_norm returns the norm before clipping; a bound no norm reaches measures it unclipped
+        r.step_grad_norms.push_back(static_cast<float>(
+            train::clip_grad_norm({&prompt}, c.clip > 0.0f ? c.clip : std::numeric_limits<double>::infinity())));
         opt.step();
     }
     r.tuned_prompt = prompt.value().to_vector();

@@ -20,6 +20,7 @@ struct LlamaCase {
     std::uint64_t seed = 1;
     int adamw_steps = 3;        // prompt-tuning steps on the same batch
     float lr = 1e-2f, weight_decay = 0.01f;
+    float clip = 0.0f;          // the AdamW steps clip the gradient to this global norm (0: no clipping)
 };
 
 struct LlamaReference {
@@ -30,6 +31,7 @@ struct LlamaReference {
     float loss = 0.0f;
     std::vector<float> prompt_grad;         // [K, d] d loss / d prompt
     std::vector<float> step_losses;         // the loss of each AdamW step (before its update)
+    std::vector<float> step_grad_norms;     // ‖d loss / d prompt‖₂ of each AdamW step, before clipping
     std::vector<float> tuned_prompt;        // [K, d] after adamw_steps steps of AdamW
 };
 

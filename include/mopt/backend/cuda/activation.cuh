@@ -9,7 +9,8 @@
 //   swiglu(g, u) = silu(g) ⊙ u (Shazeer 2020)     d_gate = dy·u·silu'(g), d_up = dy·silu(g)
 // Element-wise and memory-bound: one grid-stride pass, nothing saved (the backward recomputes σ or
 // tanh from the input). SwiGLU is fused: one kernel reads gate and up (and dy) once and writes
-// both gradients.
+// both gradients. The packed variants read gate and up from one [rows, 2·width] array, the output
+// of a single GEMM against the stacked [Wgate; Wup], and write the gradients in the same packing.
 //
 // x, y, dy, dx, gate, up: f32 or bf16 (math in f32). Outputs are overwritten; an output may alias
 // an input of the same index (y = x, dx = dy).
@@ -71,22 +72,33 @@ __global__ void backward_kernel(const T* x, const T* dy, T* dx, std::int64_t n) 
     }
 }
 
-template <class T>
-__global__ void swiglu_forward_kernel(const T* gate, const T* up, T* y, std::int64_t n) {
+// Where element i of gate/up lives: at i (separate arrays) or, Packed, in row i / width of a
+// [rows, 2·width] array whose first half is gate and second half up (up = gate + width).
+template <bool Packed>
+__device__ __forceinline__ std::int64_t swiglu_index(std::int64_t i, std::int64_t width) {
+    if constexpr (Packed) return (i / width) * 2 * width + i % width;
+    else return i;
+}
+
+template <bool Packed, class T>
+__global__ void swiglu_forward_kernel(const T* gate, const T* up, T* y, std::int64_t n, std::int64_t width) {
     MOPT_CUDA_GRID_STRIDE(i, n) {
-        const float g = to_f32(gate[i]);
-        y[i] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up[i]));
+        const std::int64_t j = swiglu_index<Packed>(i, width);
+        const float g = to_f32(gate[j]);
+        y[i] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up[j]));
     }
 }
 
-template <class T>
-__global__ void swiglu_backward_kernel(const T* gate, const T* up, const T* dy, T* d_gate, T* d_up, std::int64_t n) {
+template <bool Packed, class T>
+__global__ void swiglu_backward_kernel(const T* gate, const T* up, const T* dy, T* d_gate, T* d_up, std::int64_t n,
+                                       std::int64_t width) {
     MOPT_CUDA_GRID_STRIDE(i, n) {
-        const float g = to_f32(gate[i]), u = to_f32(up[i]), d = to_f32(dy[i]);
+        const std::int64_t j = swiglu_index<Packed>(i, width);
+        const float g = to_f32(gate[j]), u = to_f32(up[j]), d = to_f32(dy[i]);
         const float s = sigmoid(g);
         // Read everything before writing: d_gate or d_up may alias gate, up or dy.
-        if (d_gate) d_gate[i] = from_f32<T>(d * u * s * (1.0f + g * (1.0f - s)));
-        if (d_up) d_up[i] = from_f32<T>(d * g * s);
+        if (d_gate) d_gate[j] = from_f32<T>(d * u * s * (1.0f + g * (1.0f - s)));
+        if (d_up) d_up[j] = from_f32<T>(d * g * s);
     }
 }
 
@@ -152,7 +164,8 @@ template <DeviceFloat T>
 void swiglu_forward(const T* gate, const T* up, T* y, std::int64_t n, cudaStream_t stream = nullptr) {
     activation_detail::check_elementwise("swiglu_forward", n, gate && up && y);
     if (n == 0) return;
-    activation_detail::swiglu_forward_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(gate, up, y, n);
+    activation_detail::swiglu_forward_kernel<false><<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(gate, up, y,
+                                                                                                        n, n);
     check_launch("swiglu_forward", "[", n, "]");
 }
 
@@ -162,9 +175,35 @@ void swiglu_backward(const T* gate, const T* up, const T* dy, T* d_gate, T* d_up
                      cudaStream_t stream = nullptr) {
     activation_detail::check_elementwise("swiglu_backward", n, gate && up && dy);
     if (n == 0 || (!d_gate && !d_up)) return;
-    activation_detail::swiglu_backward_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(
-        gate, up, dy, d_gate, d_up, n);
+    activation_detail::swiglu_backward_kernel<false><<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(
+        gate, up, dy, d_gate, d_up, n, n);
     check_launch("swiglu_backward", "[", n, "]");
+}
+
+// The packed layout of a fused gate|up projection (one GEMM against the stacked [Wgate; Wup]):
+// gate_up: [rows, 2·width], gate in columns [0, width), up in [width, 2·width) -> y: [rows, width]
+template <DeviceFloat T>
+void swiglu_forward_packed(const T* gate_up, T* y, std::int64_t rows, std::int64_t width,
+                           cudaStream_t stream = nullptr) {
+    const std::int64_t n = rows * width;
+    activation_detail::check_elementwise("swiglu_forward_packed", n, gate_up && y);
+    if (n == 0) return;
+    activation_detail::swiglu_forward_kernel<true><<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(
+        gate_up, gate_up + width, y, n, width);
+    check_launch("swiglu_forward_packed", "[", rows, ", 2 x ", width, "]");
+}
+
+// gate_up: [rows, 2·width] (as above), dy: [rows, width] -> d_gate_up: [rows, 2·width], the same
+// packing (d gate | d up); it may be gate_up itself, so the backward GEMM reads one array.
+template <DeviceFloat T>
+void swiglu_backward_packed(const T* gate_up, const T* dy, T* d_gate_up, std::int64_t rows, std::int64_t width,
+                            cudaStream_t stream = nullptr) {
+    const std::int64_t n = rows * width;
+    activation_detail::check_elementwise("swiglu_backward_packed", n, gate_up && dy && d_gate_up);
+    if (n == 0) return;
+    activation_detail::swiglu_backward_kernel<true><<<elementwise_blocks(n), elementwise_threads, 0, stream>>>(
+        gate_up, gate_up + width, dy, d_gate_up, d_gate_up + width, n, width);
+    check_launch("swiglu_backward_packed", "[", rows, ", 2 x ", width, "]");
 }
 
 }  // namespace mopt::backend::cuda

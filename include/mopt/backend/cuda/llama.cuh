@@ -14,6 +14,11 @@
 // runs, only the chain of input gradients (llm.c's backward with every dW line removed): dgrad
 // GEMMs dX = dY·W, the norm, RoPE, SwiGLU and attention backwards, and the residual adds.
 //
+// Fewer, larger launches: Wq, Wk, Wv are stored stacked and run as one strided-batched GEMM into
+// q, k, v planes (RoPE then runs once over the adjacent q and k planes); Wgate and Wup are stacked
+// so gate|up is one GEMM and its backward one GEMM over the packed d gate|d up; each norm's
+// backward adds into the residual gradient in the same pass.
+//
 // Memory: weights live in exact-size cudaMalloc buffers (DeviceBuffer, allocated at construction);
 // every activation of a (batch, seq, prompt_len) shape comes from the caching allocator once, in
 // reserve(), and is reused by every step. A step makes no allocation (cross_entropy's 4-byte count
@@ -41,6 +46,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -105,12 +111,6 @@ __global__ void embed_with_prompt_kernel(const std::int32_t* ids, const T* table
     }
 }
 
-// y += x. y, x: [n]
-template <class T>
-__global__ void add_kernel(T* y, const T* x, std::int64_t n) {
-    MOPT_LLAMA_GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(y[i]) + to_f32(x[i]));
-}
-
 // The prompt is broadcast over the batch, so its gradient sums the batch's prompt rows:
 // dP[k, j] = Σ_b dx₀[b, k, j]. dx: [B, S, d] -> dprompt: f32 [K, d]
 template <class T>
@@ -149,6 +149,17 @@ __global__ void fill_kernel(T* w, std::int64_t n, float value) {
 }
 
 #undef MOPT_LLAMA_GRID_STRIDE
+
+// Row-major weights [out_i, in] stacked along out, in order: one [Σ out_i, in] matrix, so the
+// projections that read one input run as one GEMM.
+inline std::vector<float> stacked(std::initializer_list<const std::vector<float>*> parts) {
+    std::vector<float> out;
+    std::size_t n = 0;
+    for (const std::vector<float>* p : parts) n += p->size();
+    out.reserve(n);
+    for (const std::vector<float>* p : parts) out.insert(out.end(), p->begin(), p->end());
+    return out;
+}
 
 // Page-locked host memory: cudaMemcpyAsync from it is truly asynchronous.
 template <class V>
@@ -212,12 +223,9 @@ public:
             LayerWeights& l = layers_.emplace_back();
             l.attn_norm = upload<float>(src.attn_norm);
             l.ffn_norm = upload<float>(src.ffn_norm);
-            l.q_proj = upload<T>(src.q_proj);
-            l.k_proj = upload<T>(src.k_proj);
-            l.v_proj = upload<T>(src.v_proj);
+            l.qkv_proj = upload<T>(llama_detail::stacked({&src.q_proj, &src.k_proj, &src.v_proj}));
             l.o_proj = upload<T>(src.o_proj);
-            l.gate_proj = upload<T>(src.gate_proj);
-            l.up_proj = upload<T>(src.up_proj);
+            l.gate_up_proj = upload<T>(llama_detail::stacked({&src.gate_proj, &src.up_proj}));
             l.down_proj = upload<T>(src.down_proj);
             const auto layer = static_cast<std::int64_t>(layers_.size()) - 1;
             if (config_.has_experts(layer))
@@ -258,9 +266,7 @@ public:
             LayerWeights& w = layers_.emplace_back();
             w.attn_norm = ones(d);
             w.ffn_norm = ones(d);
-            w.q_proj = normal(q * d, 0.02f);
-            w.k_proj = normal(kv * d, 0.02f);
-            w.v_proj = normal(kv * d, 0.02f);
+            w.qkv_proj = normal((q + 2 * kv) * d, 0.02f);
             w.o_proj = normal(d * q, residual_std);
             if (c.has_experts(l)) {  // Switch layer: router and experts instead (nn::SwitchFFN's init)
                 const std::int64_t E = c.num_experts;
@@ -270,8 +276,7 @@ public:
                 w.experts.index = l / c.expert_interval;
                 continue;
             }
-            w.gate_proj = normal(F * d, 0.02f);
-            w.up_proj = normal(F * d, 0.02f);
+            w.gate_up_proj = normal(2 * F * d, 0.02f);
             w.down_proj = normal(d * F, residual_std);
         }
         final_norm_ = ones(d);
@@ -329,17 +334,12 @@ public:
         for (std::int64_t l = 0; l < config_.n_layers; ++l) {
             LayerActivations& la = a.layer.emplace_back();
             la.x_mid = array(T{}, N * d);
-            la.q = array(T{}, N * q);
-            la.k = array(T{}, N * kv);
-            la.v = array(T{}, N * kv);
+            la.qkv = array(T{}, N * (q + 2 * kv));
             la.attn_out = array(T{}, N * q);
             la.lse = array(float{}, stats);
             la.rstd_attn = array(float{}, N);
             la.rstd_ffn = array(float{}, N);
-            if (!config_.has_experts(l)) {  // Switch layers keep their routing in a.experts
-                la.gate = array(T{}, N * F);
-                la.up = array(T{}, N * F);
-            }
+            if (!config_.has_experts(l)) la.gate_up = array(T{}, N * 2 * F);  // Switch layers: in a.experts
         }
         if (config_.num_experts > 0)
             a.experts = DeviceSwitchFFN<T>(SwitchConfig::of(config_, opt_.expert_chunk_rows), N,
@@ -356,12 +356,9 @@ public:
         a.tokens = array(std::int32_t{}, 2 * s.text_rows());
         a.d_residual = array(T{}, N * d);
         a.d_normed = array(T{}, N * d);
-        a.d_norm_input = array(T{}, N * d);
         a.d_ffn_hidden = array(T{}, dense_ffn ? N * F : 0);
         a.d_attn_out = array(T{}, N * q);
-        a.dq = array(T{}, N * q);
-        a.dk = array(T{}, N * kv);
-        a.dv = array(T{}, N * kv);
+        a.dqkv = array(T{}, N * (q + 2 * kv));
         a.delta = array(float{}, stats);
         a.d_final_normed = array(T{}, N * d);
         a.d_final_normed.zero(stream_);  // its prompt rows stay 0: the loss does not read them
@@ -431,13 +428,10 @@ public:
             T* x = a.residual[l].data();
             // Attention half: x_mid = x + o_proj(attn(rope(q), rope(k), v)), q|k|v = norm(x) W{q,k,v}ᵀ
             rms_norm_forward(x, w.attn_norm.data(), a.normed.data(), la.rstd_attn.data(), N, d, eps, stream_);
-            linear(a.normed.data(), w.q_proj.data(), la.q.data(), N, d, H * Dh);     // [N, d] -> [B, S, H, Dh]
-            linear(a.normed.data(), w.k_proj.data(), la.k.data(), N, d, Hkv * Dh);   // [N, d] -> [B, S, Hkv, Dh]
-            linear(a.normed.data(), w.v_proj.data(), la.v.data(), N, d, Hkv * Dh);
-            rope_forward(la.q.data(), la.q.data(), a.rope.data(), B, S, H, Dh, RopeStyle::half, stream_);
-            rope_forward(la.k.data(), la.k.data(), a.rope.data(), B, S, Hkv, Dh, RopeStyle::half, stream_);
-            attention_forward<T>({.q = la.q.data(), .k = la.k.data(), .v = la.v.data(), .out = la.attn_out.data(),
-                                  .lse = la.lse.data()},
+            const Qkv<T> qkv = split_qkv(la.qkv.data());
+            project_qkv(a.normed.data(), w.qkv_proj.data(), qkv);  // [N, d] -> q [B, S, H, Dh], k, v [B, S, Hkv, Dh]
+            rope_qk(qkv, false);
+            attention_forward<T>({.q = qkv.q, .k = qkv.k, .v = qkv.v, .out = la.attn_out.data(), .lse = la.lse.data()},
                                  attn, attn_opt, stream_);
             copy(la.x_mid.data(), x, N * d);
             linear(la.attn_out.data(), w.o_proj.data(), la.x_mid.data(), N, H * Dh, d, 1.0f);  // x_mid += o Woᵀ
@@ -449,9 +443,8 @@ public:
                                   a.residual[l + 1].data());
                 continue;
             }
-            linear(a.normed.data(), w.gate_proj.data(), la.gate.data(), N, d, F);  // [N, d] -> [N, F]
-            linear(a.normed.data(), w.up_proj.data(), la.up.data(), N, d, F);
-            swiglu_forward(la.gate.data(), la.up.data(), a.ffn_hidden.data(), N * F, stream_);
+            linear(a.normed.data(), w.gate_up_proj.data(), la.gate_up.data(), N, d, 2 * F);  // [N, d] -> [N, 2F]
+            swiglu_forward_packed(la.gate_up.data(), a.ffn_hidden.data(), N, F, stream_);
             T* x_next = a.residual[l + 1].data();
             copy(x_next, la.x_mid.data(), N * d);
             linear(a.ffn_hidden.data(), w.down_proj.data(), x_next, N, F, d, 1.0f);  // x' += h Wdownᵀ
@@ -507,28 +500,28 @@ public:
                 a.experts.backward(w.experts.index, w.experts.view(), dx, a.d_normed.data(), opt_.aux_loss_weight);
             } else {
                 linear_dgrad(dx, w.down_proj.data(), a.d_ffn_hidden.data(), N, F, d);  // [N, d] -> [N, F]
-                swiglu_backward(la.gate.data(), la.up.data(), a.d_ffn_hidden.data(), la.gate.data(), la.up.data(),
-                                N * F, stream_);  // in place: gate, up now hold d gate, d up
-                linear_dgrad(la.gate.data(), w.gate_proj.data(), a.d_normed.data(), N, d, F);  // [N, F] -> [N, d]
-                linear_dgrad(la.up.data(), w.up_proj.data(), a.d_normed.data(), N, d, F, 1.0f);
+                // in place: gate_up now holds d gate | d up, and one GEMM against [Wg; Wu] gives d norm
+                swiglu_backward_packed(la.gate_up.data(), a.d_ffn_hidden.data(), la.gate_up.data(), N, F, stream_);
+                linear_dgrad(la.gate_up.data(), w.gate_up_proj.data(), a.d_normed.data(), N, d, 2 * F);  // [N, 2F] -> [N, d]
             }
-            rms_norm_backward(la.x_mid.data(), w.ffn_norm.data(), la.rstd_ffn.data(), a.d_normed.data(),
-                              a.d_norm_input.data(), nullptr, N, d, stream_);
-            add(dx, a.d_norm_input.data(), N * d);
+            rms_norm_backward_accumulate(la.x_mid.data(), w.ffn_norm.data(), la.rstd_ffn.data(), a.d_normed.data(), dx,
+                                         N, d, stream_);
             // Attention half, x_mid = x + o_proj(attn): dx = dx_mid + normᵀ(dq Wq + dk Wk + dv Wv)
             linear_dgrad(dx, w.o_proj.data(), a.d_attn_out.data(), N, H * Dh, d);  // [N, d] -> [B, S, H, Dh]
-            attention_backward<T>({.q = la.q.data(), .k = la.k.data(), .v = la.v.data(), .out = la.attn_out.data(),
+            const Qkv<T> qkv = split_qkv(la.qkv.data());
+            const Qkv<T> dqkv = split_qkv(a.dqkv.data());
+            attention_backward<T>({.q = qkv.q, .k = qkv.k, .v = qkv.v, .out = la.attn_out.data(),
                                    .grad_out = a.d_attn_out.data(), .lse = la.lse.data(), .delta = a.delta.data(),
-                                   .dq = a.dq.data(), .dk = a.dk.data(), .dv = a.dv.data()},
+                                   .dq = dqkv.q, .dk = dqkv.k, .dv = dqkv.v},
                                   attn, attn_opt, stream_);
-            rope_backward(a.dq.data(), a.dq.data(), a.rope.data(), B, S, H, Dh, RopeStyle::half, stream_);
-            rope_backward(a.dk.data(), a.dk.data(), a.rope.data(), B, S, Hkv, Dh, RopeStyle::half, stream_);
-            linear_dgrad(a.dq.data(), w.q_proj.data(), a.d_normed.data(), N, d, H * Dh);  // [N, H·Dh] -> [N, d]
-            linear_dgrad(a.dk.data(), w.k_proj.data(), a.d_normed.data(), N, d, Hkv * Dh, 1.0f);
-            linear_dgrad(a.dv.data(), w.v_proj.data(), a.d_normed.data(), N, d, Hkv * Dh, 1.0f);
-            rms_norm_backward(a.residual[l].data(), w.attn_norm.data(), la.rstd_attn.data(), a.d_normed.data(),
-                              a.d_norm_input.data(), nullptr, N, d, stream_);
-            add(dx, a.d_norm_input.data(), N * d);
+            rope_qk(dqkv, true);
+            const T* wqkv = w.qkv_proj.data();
+            const std::int64_t q = H * Dh, kv = Hkv * Dh;
+            linear_dgrad(dqkv.q, wqkv, a.d_normed.data(), N, d, q);  // [N, H·Dh] -> [N, d]
+            linear_dgrad(dqkv.k, wqkv + q * d, a.d_normed.data(), N, d, kv, 1.0f);
+            linear_dgrad(dqkv.v, wqkv + (q + kv) * d, a.d_normed.data(), N, d, kv, 1.0f);
+            rms_norm_backward_accumulate(a.residual[l].data(), w.attn_norm.data(), la.rstd_attn.data(),
+                                         a.d_normed.data(), dx, N, d, stream_);
         }
         // dP = Σ_b dx₀[b, 0:K]
         llama_detail::prompt_gradient_kernel<<<elementwise_blocks(K * d), elementwise_threads, 0, stream_>>>(
@@ -592,17 +585,20 @@ public:
 private:
     struct LayerWeights {
         DeviceBuffer<float> attn_norm, ffn_norm;                                  // [d]
-        DeviceBuffer<T> q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;  // [out, in]
-        SwitchExpertWeights<T> experts;  // Switch layers: router and experts (gate/up/down_proj empty)
+        DeviceBuffer<T> qkv_proj;      // [H·Dh + 2·Hkv·Dh, d]: Wq, Wk, Wv stacked (one forward GEMM)
+        DeviceBuffer<T> o_proj;        // [d, H·Dh]
+        DeviceBuffer<T> gate_up_proj;  // [2F, d]: Wgate, Wup stacked (one GEMM each way)
+        DeviceBuffer<T> down_proj;     // [d, F]
+        SwitchExpertWeights<T> experts;  // Switch layers: router and experts (gate_up_proj, down_proj empty)
     };
     // Saved by a forward for backward_to_prompt (N = B·S rows).
     struct LayerActivations {
         DeviceArray<T> x_mid;                     // [N, d] residual after attention (the FFN norm's input)
-        DeviceArray<T> q, k, v;                   // [B, S, H|Hkv, Dh] q, k roped, as attention read them
+        DeviceArray<T> qkv;                       // q [B, S, H, Dh], then k, v [B, S, Hkv, Dh] (planar), q, k roped
         DeviceArray<T> attn_out;                  // [B, S, H, Dh]
         DeviceArray<float> lse;                   // [B, H, S] attention row logsumexp
         DeviceArray<float> rstd_attn, rstd_ffn;   // [N] 1/rms of the norms' inputs
-        DeviceArray<T> gate, up;                  // [N, F] (their gradients after the backward)
+        DeviceArray<T> gate_up;                   // [N, 2F] gate | up per row (their gradients after the backward)
     };
     struct Activations {
         bool reserved = false;
@@ -616,9 +612,10 @@ private:
         DeviceArray<float> rope;                  // [2, S, Dh/2] cos, sin of positions 0..S−1
         DeviceArray<std::int32_t> tokens;         // [2, B, T]: ids, then targets
         DeviceArray<T> d_residual;                // [N, d] d loss / d x as the backward walks down
-        DeviceArray<T> d_normed, d_norm_input;    // [N, d] a norm's output and input gradients
+        DeviceArray<T> d_normed;                  // [N, d] a norm's output gradient
         DeviceArray<T> d_ffn_hidden;              // [N, F]
-        DeviceArray<T> d_attn_out, dq, dk, dv;    // [B, S, H|Hkv, Dh]
+        DeviceArray<T> d_attn_out;                // [B, S, H, Dh]
+        DeviceArray<T> dqkv;                      // dq, dk, dv planar as qkv
         DeviceArray<float> delta;                 // [B, H, S] attention backward scratch
         DeviceArray<T> d_final_normed;            // [N, d], prompt rows 0
         DeviceSwitchFFN<T> experts;               // Switch layers: their saved routing and scratch
@@ -642,8 +639,8 @@ private:
         if (f32_norms) return d * (2 * config_.n_layers + 1);
         std::int64_t n = static_cast<std::int64_t>(embed_tokens_.size() + lm_head_.size());
         for (const LayerWeights& l : layers_)
-            n += static_cast<std::int64_t>(l.q_proj.size() + l.k_proj.size() + l.v_proj.size() + l.o_proj.size() +
-                                           l.gate_proj.size() + l.up_proj.size() + l.down_proj.size()) +
+            n += static_cast<std::int64_t>(l.qkv_proj.size() + l.o_proj.size() + l.gate_up_proj.size() +
+                                           l.down_proj.size()) +
                  l.experts.values();
         return n;
     }
@@ -677,14 +674,48 @@ private:
               .lda = out, .b = w, .ldb = in, .c = dx, .ldc = in, .ab_type = dtype, .c_type = dtype,
               .compute = compute(), .stream = stream_});
     }
+    // q, k, v planes of a [N, H·Dh + 2·Hkv·Dh] planar buffer (q's plane, then k's, then v's).
+    template <class V>
+    struct Qkv {
+        V *q, *k, *v;
+    };
+    template <class V>
+    [[nodiscard]] Qkv<V> split_qkv(V* base) const {
+        const std::int64_t N = shape_.rows(), q = config_.n_heads * config_.head_dim(),
+                           kv = config_.kv_heads() * config_.head_dim();
+        return {base, base + N * q, base + N * (q + kv)};
+    }
+    // q|k|v = x [Wq; Wk; Wv]ᵀ into their planes: one strided-batched GEMM over the three
+    // projections when they have one size (no GQA), else q alone and k, v batched.
+    void project_qkv(const T* x, const T* w, const Qkv<T>& out) const {
+        const std::int64_t N = shape_.rows(), d = config_.d_model, q = config_.n_heads * config_.head_dim(),
+                           kv = config_.kv_heads() * config_.head_dim();
+        auto batched = [&](const T* wb, T* c, std::int64_t cols, std::int64_t count) {
+            gemm_strided_batched({.trans_a = false, .trans_b = true, .m = N, .n = cols, .k = d, .alpha = 1.0f,
+                                  .beta = 0.0f, .a = x, .lda = d, .b = wb, .ldb = d, .c = c, .ldc = cols,
+                                  .ab_type = dtype, .c_type = dtype, .compute = compute(), .stream = stream_},
+                                 {.count = count, .stride_a = 0, .stride_b = cols * d, .stride_c = N * cols});
+        };
+        if (q == kv) return batched(w, out.q, q, 3);
+        linear(x, w, out.q, N, d, q);
+        batched(w + q * d, out.k, kv, 2);
+    }
+    // RoPE on q and k (backward: on dq and dk): one launch over both planes when they have one size.
+    void rope_qk(const Qkv<T>& t, bool backward) const {
+        const std::int64_t B = shape_.batch, S = shape_.positions(), H = config_.n_heads, Hkv = config_.kv_heads(),
+                           Dh = config_.head_dim();
+        auto apply = [&](T* x, std::int64_t batch, std::int64_t heads) {
+            if (backward) rope_backward(x, x, acts_.rope.data(), batch, S, heads, Dh, RopeStyle::half, stream_);
+            else rope_forward(x, x, acts_.rope.data(), batch, S, heads, Dh, RopeStyle::half, stream_);
+        };
+        if (H == Hkv) return apply(t.q, 2 * B, H);  // [2, B, S, H, Dh]: the q and k planes are adjacent
+        apply(t.q, B, H);
+        apply(t.k, B, Hkv);
+    }
+
     void copy(T* dst, const T* src, std::int64_t n) const {
         check_cuda(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(n) * sizeof(T), cudaMemcpyDeviceToDevice, stream_),
                    "cudaMemcpyAsync (DeviceLlama residual copy)");
-    }
-    // y += x. y, x: [n]
-    void add(T* y, const T* x, std::int64_t n) const {
-        llama_detail::add_kernel<<<elementwise_blocks(n), elementwise_threads, 0, stream_>>>(y, x, n);
-        check_launch("DeviceLlama residual gradient add", "[", n, "]");
     }
 
     nn::ModelConfig config_;

@@ -17,7 +17,8 @@
 // small kernel adds the partials of all blocks (deterministic order).
 //
 // x, y, dy, dx: f32 or bf16 (storage; all math in f32). weight, bias, μ, rstd, dw, db: f32.
-// Outputs are overwritten, not accumulated. y may alias x and dx may alias dy.
+// Outputs are overwritten, not accumulated (except by rms_norm_backward_accumulate: dx +=). y may
+// alias x and dx may alias dy.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -73,7 +74,7 @@ __global__ void __launch_bounds__(1024) layer_norm_forward_kernel(const T* x, co
 template <class T, bool Centred>
 __global__ void __launch_bounds__(512)
     norm_backward_kernel(const T* x, const float* weight, const float* mean, const float* rstd, const T* dy, T* dx,
-                         float* partial_w, float* partial_b, int rows, int d, int rows_per_block) {
+                         float* partial_w, float* partial_b, int rows, int d, int rows_per_block, bool accumulate) {
     extern __shared__ float norm_column_sums[];  // [d] weight sums, then [d] bias sums
     float* sum_w = partial_w ? norm_column_sums : nullptr;
     float* sum_b = partial_b ? norm_column_sums + (partial_w ? d : 0) : nullptr;
@@ -102,7 +103,8 @@ __global__ void __launch_bounds__(512)
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
             const float xh = (to_f32(x[offset + j]) - mu) * rs;
             const float gh = to_f32(dy[offset + j]) * weight[j];
-            dx[offset + j] = from_f32<T>(rs * (gh - mean_g - xh * mean_gx));
+            const float v = rs * (gh - mean_g - xh * mean_gx);
+            dx[offset + j] = from_f32<T>(accumulate ? to_f32(dx[offset + j]) + v : v);
         }
     }
     const std::int64_t out = static_cast<std::int64_t>(blockIdx.x) * d;
@@ -131,8 +133,10 @@ inline void check_norm(const char* op, const void* x, const float* weight, const
 
 template <class T, bool Centred>
 void norm_backward(const char* op, const T* x, const float* weight, const float* mean, const float* rstd, const T* dy,
-                   T* dx, float* dweight, float* dbias, std::int64_t rows, std::int64_t d, cudaStream_t stream) {
+                   T* dx, float* dweight, float* dbias, std::int64_t rows, std::int64_t d, cudaStream_t stream,
+                   bool accumulate = false) {
     check_norm(op, x, weight, dy, rows, d);
+    check(!accumulate || (dx && dx != dy), "cuda::", op, ": accumulating into dx needs a dx that is not dy");
     check(rows == 0 || (rstd && (!Centred || mean)), "cuda::", op, ": the saved per-row statistics of [", rows, ", ", d,
           "] are null");
     if (rows == 0) {  // no rows: zero parameter gradients
@@ -163,7 +167,7 @@ void norm_backward(const char* op, const T* x, const float* weight, const float*
     DeviceArray<float> partial_b(dbias ? static_cast<std::size_t>(blocks * d) : 0, stream);
     kernel<<<static_cast<unsigned>(blocks), row_threads(d, 512), smem, stream>>>(
         x, weight, mean, rstd, dy, dx, partial_w.data(), partial_b.data(), static_cast<int>(rows), static_cast<int>(d),
-        static_cast<int>(rows_per_block));
+        static_cast<int>(rows_per_block), accumulate);
     check_launch(op, "backward [", rows, ", ", d, "]");
     const unsigned col_blocks = static_cast<unsigned>(ceil_div(d, 256));
     if (dweight)
@@ -196,6 +200,15 @@ void rms_norm_backward(const T* x, const float* weight, const float* rstd, const
                        std::int64_t rows, std::int64_t d, cudaStream_t stream = nullptr) {
     norm_detail::norm_backward<T, false>("rms_norm_backward", x, weight, nullptr, rstd, dy, dx, dweight, nullptr, rows,
                                          d, stream);
+}
+
+// dx += the input gradient (the residual stream's gradient gathers the norm's branch in the same
+// pass). dx must not alias dy.
+template <DeviceFloat T>
+void rms_norm_backward_accumulate(const T* x, const float* weight, const float* rstd, const T* dy, T* dx,
+                                  std::int64_t rows, std::int64_t d, cudaStream_t stream = nullptr) {
+    norm_detail::norm_backward<T, false>("rms_norm_backward_accumulate", x, weight, nullptr, rstd, dy, dx, nullptr,
+                                         nullptr, rows, d, stream, true);
 }
 
 // x: [rows, d], weight: [d], bias: [d] (nullptr: none) -> y: [rows, d], mean: [rows], rstd: [rows]

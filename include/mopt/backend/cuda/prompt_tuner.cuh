@@ -8,7 +8,10 @@
 // AdamW (Loshchilov & Hutter 2019) exactly as mopt/train/adamw.hpp, in one fused element-wise
 // kernel: m = β₁m + (1 − β₁)g, v = β₂v + (1 − β₂)g², P −= lr·((m/(1 − β₁ᵗ)) / (√(v/(1 − β₂ᵗ)) + ε) + λP).
 // The step count t lives on the device (a one-thread kernel advances it after the update), so a
-// captured step replays with the right bias correction. No gradient clipping.
+// captured step replays with the right bias correction. Before the update, clipping by global norm
+// as train/grad_clip.hpp (Pascanu et al. 2013): ‖g‖₂ is reduced on the device and, when it exceeds
+// `clip` (> 0), the update kernel scales g by clip/‖g‖₂ (and stores the scaled g, as the CPU
+// clips in place); the norm stays on the device for grad_norm(), so a graph replay needs no sync.
 //
 // CUDA graph: with use_graph(true), the first step runs eagerly (it warms the allocator's cache,
 // cuBLAS and the kernels' attributes), the second is captured (stream capture of the model's stream)
@@ -47,13 +50,16 @@ namespace prompt_tuner_detail {
 
 // One AdamW update of w from g, at step *step + 1 (train/adamw.hpp's arithmetic, in f32).
 // w, g, m, v: f32 [n]
-__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, std::int64_t n, const std::int64_t* step,
-                             AdamWOptions o) {
+// g is scaled by clip/‖g‖ first when clip > 0 and ‖g‖ = *norm exceeds it (and the scaled g stored).
+__global__ void adamw_kernel(float* w, float* g, float* m, float* v, std::int64_t n, const std::int64_t* step,
+                             AdamWOptions o, const float* norm, float clip) {
     const float t = static_cast<float>(*step + 1);
     const float bc1 = 1.0f - powf(o.beta1, t), bc2 = 1.0f - powf(o.beta2, t);
+    const float scale = clip > 0.0f && *norm > clip ? clip / *norm : 1.0f;
     for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
          i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-        const float gi = g[i];
+        float gi = g[i];
+        if (scale != 1.0f) g[i] = gi = gi * scale;
         const float mi = o.beta1 * m[i] + (1.0f - o.beta1) * gi;
         const float vi = o.beta2 * v[i] + (1.0f - o.beta2) * gi * gi;
         m[i] = mi;
@@ -65,16 +71,33 @@ __global__ void adamw_kernel(float* w, const float* g, float* m, float* v, std::
 
 __global__ void advance_step_kernel(std::int64_t* step) { *step += 1; }
 
+// *norm = ‖g‖₂ (one block; the prompt's K·d values are few). Partial sums in f64, as the CPU's.
+__global__ void __launch_bounds__(1024) grad_norm_kernel(const float* g, std::int64_t n, float* norm) {
+    __shared__ double partial[32];
+    double s = 0.0;
+    for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x) s += static_cast<double>(g[i]) * g[i];
+    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffffu, s, offset);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < static_cast<int>(blockDim.x + 31) / 32; ++w) total += partial[w];
+        *norm = static_cast<float>(sqrt(total));
+    }
+}
+
 }  // namespace prompt_tuner_detail
 
 template <DeviceFloat T>
 class PromptTuner {
 public:
     // prompt: host f32 [K, d], the initial prompt (e.g. a CPU SoftPrompt's values); shape.prompt_len = K.
+    // clip: max global gradient norm (0: none; train::PromptTuningOptions's default is 1).
     PromptTuner(DeviceLlama<T>& model, const LlamaRunShape& shape, std::span<const float> prompt,
-                AdamWOptions opt = {})
-        : model_(model), shape_(shape), opt_(opt) {
+                AdamWOptions opt = {}, float clip = 0.0f)
+        : model_(model), shape_(shape), opt_(opt), clip_(clip) {
         check(shape.prompt_len >= 1, "PromptTuner: the shape needs prompt rows (prompt_len = ", shape.prompt_len, ")");
+        check(std::isfinite(clip) && clip >= 0.0f, "PromptTuner: clip (max gradient norm) must be >= 0, got ", clip);
         model_.reserve(shape_);
         const std::size_t n = static_cast<std::size_t>(shape.prompt_len * model.config().d_model);
         cudaStream_t s = model_.stream();
@@ -83,6 +106,7 @@ public:
         m_ = DeviceArray<float>(n, s);
         v_ = DeviceArray<float>(n, s);
         step_ = DeviceArray<std::int64_t>(1, s);
+        norm_ = DeviceArray<float>(1, s);
         set_prompt(prompt);
     }
     PromptTuner(const PromptTuner&) = delete;
@@ -141,6 +165,12 @@ public:
     [[nodiscard]] std::vector<float> gradient() const { return download(grad_); }
     [[nodiscard]] const LlamaRunShape& shape() const { return shape_; }
     [[nodiscard]] const AdamWOptions& options() const { return opt_; }
+    [[nodiscard]] float clip() const { return clip_; }
+    // ‖g‖₂ of the last step's gradient before clipping (synchronises; NaN when it was not finite).
+    [[nodiscard]] float grad_norm() const {
+        check(steps_ > 0, "PromptTuner::grad_norm: no step taken yet");
+        return download(norm_)[0];
+    }
 
 private:
     // forward + backward_to_prompt + AdamW, all on the model's stream.
@@ -148,8 +178,9 @@ private:
         model_.enqueue_forward(prompt_.data(), ForwardMode::train);
         model_.enqueue_backward_to_prompt(grad_.data());
         const auto n = static_cast<std::int64_t>(prompt_.size());
+        prompt_tuner_detail::grad_norm_kernel<<<1, 1024, 0, model_.stream()>>>(grad_.data(), n, norm_.data());
         prompt_tuner_detail::adamw_kernel<<<elementwise_blocks(n), elementwise_threads, 0, model_.stream()>>>(
-            prompt_.data(), grad_.data(), m_.data(), v_.data(), n, step_.data(), opt_);
+            prompt_.data(), grad_.data(), m_.data(), v_.data(), n, step_.data(), opt_, norm_.data(), clip_);
         prompt_tuner_detail::advance_step_kernel<<<1, 1, 0, model_.stream()>>>(step_.data());
         check_launch("PromptTuner AdamW", "[", n, "]");
     }
@@ -201,7 +232,9 @@ private:
     DeviceLlama<T>& model_;
     LlamaRunShape shape_;
     AdamWOptions opt_;
+    float clip_ = 0.0f;
     DeviceArray<float> prompt_, grad_, m_, v_;  // f32 [K, d]: master prompt, its gradient, AdamW moments
+    DeviceArray<float> norm_;                    // [1] ‖g‖₂ of the last step
     DeviceArray<std::int64_t> step_;             // AdamW steps taken (device)
     std::int64_t steps_ = 0;                     // steps enqueued (host)
     bool use_graph_ = false;
