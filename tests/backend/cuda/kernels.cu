@@ -395,12 +395,13 @@ MOPT_CUDA_TEST(norm_rejects_mismatched_arguments) {
 
 namespace {
 
+// head_dim 18 (9 pairs per head, odd) takes one pair per thread; 64 (half style) 16-byte vectors.
 template <class T>
-void check_rope(bool interleaved, std::int64_t start_pos, float theta) {
-    const std::int64_t batch = 2, seq = 5, heads = 3, head_dim = 18;  // 9 pairs per head: odd
+void check_rope(bool interleaved, std::int64_t start_pos, float theta, std::int64_t head_dim = 18) {
+    const std::int64_t batch = 2, seq = 5, heads = 3;
     const std::int64_t n = batch * seq * heads * head_dim;
     const std::string what = std::string("rope ") + type_name<T>() + (interleaved ? " interleaved" : " half") +
-                             " start_pos " + std::to_string(start_pos);
+                             " start_pos " + std::to_string(start_pos) + " head_dim " + std::to_string(head_dim);
     const Floats x = representable<T>(random_floats(n, 1.0f, 41));
     const Floats dy = representable<T>(random_floats(n, 1.0f, 42));
     const Floats want = ref::rope_forward(x, batch, seq, heads, head_dim, theta, start_pos, interleaved);
@@ -429,11 +430,15 @@ MOPT_CUDA_TEST(rope_f32_matches_cpu_half_and_interleaved) {
         check_rope<float>(interleaved, 0, 10000.0f);
         check_rope<float>(interleaved, 7, 10000.0f);
         check_rope<float>(interleaved, 4093, 500000.0f);  // large angles: the table is built in double
+        check_rope<float>(interleaved, 7, 10000.0f, 64);
     }
 }
 
 MOPT_CUDA_TEST(rope_bf16_matches_cpu_half_and_interleaved) {
-    for (bool interleaved : {false, true}) check_rope<bf16>(interleaved, 7, 10000.0f);
+    for (bool interleaved : {false, true}) {
+        check_rope<bf16>(interleaved, 7, 10000.0f);
+        check_rope<bf16>(interleaved, 7, 10000.0f, 64);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -473,42 +478,51 @@ void check_activations() {
 
     const Floats up = representable<T>(random_floats(n, 1.0f, 53));
     auto dup = to_device<T>(up);
-    cuda::DeviceArray<T> d_gate(n), d_up(n), d_up_only(n);
-    cuda::swiglu_forward(dx_in.data(), dup.data(), y.data(), n);
-    cuda::swiglu_backward(dx_in.data(), dup.data(), ddy.data(), d_gate.data(), d_up.data(), n);
-    cuda::swiglu_backward(dx_in.data(), dup.data(), ddy.data(), static_cast<T*>(nullptr), d_up_only.data(), n);
-    sync("swiglu");
-    const ref::SwigluGrads want = ref::swiglu_backward(x, up, dy);
-    const std::string what = std::string("swiglu ") + type_name<T>();
-    EXPECT_CLOSE(to_host(y), ref::swiglu_forward(x, up), tolerance<T>(), what + " y");
-    EXPECT_CLOSE(to_host(d_gate), want.d_gate, tolerance<T>(), what + " d_gate");
-    EXPECT_CLOSE(to_host(d_up), want.d_up, tolerance<T>(), what + " d_up");
-    EXPECT_CLOSE(to_host(d_up_only), want.d_up, tolerance<T>(), what + " d_up (no d_gate)");
+    // m = n (prime: one value per thread) and m = 10000 (16-byte vectors), the first m values
+    for (const std::size_t m : {n, std::size_t{10000}}) {
+        const std::string what = std::string("swiglu ") + type_name<T>() + " n " + std::to_string(m);
+        const Floats x_m(x.begin(), x.begin() + m), up_m(up.begin(), up.begin() + m), dy_m(dy.begin(), dy.begin() + m);
+        cuda::DeviceArray<T> y_m(m), d_gate(m), d_up(m), d_up_only(m);
+        cuda::swiglu_forward(dx_in.data(), dup.data(), y_m.data(), m);
+        cuda::swiglu_backward(dx_in.data(), dup.data(), ddy.data(), d_gate.data(), d_up.data(), m);
+        cuda::swiglu_backward(dx_in.data(), dup.data(), ddy.data(), static_cast<T*>(nullptr), d_up_only.data(), m);
+        sync("swiglu");
+        const ref::SwigluGrads want = ref::swiglu_backward(x_m, up_m, dy_m);
+        EXPECT_CLOSE(to_host(y_m), ref::swiglu_forward(x_m, up_m), tolerance<T>(), what + " y");
+        EXPECT_CLOSE(to_host(d_gate), want.d_gate, tolerance<T>(), what + " d_gate");
+        EXPECT_CLOSE(to_host(d_up), want.d_up, tolerance<T>(), what + " d_up");
+        EXPECT_CLOSE(to_host(d_up_only), want.d_up, tolerance<T>(), what + " d_up (no d_gate)");
+    }
 
-    // Packed [rows, 2·width] gate|up (the fused projection's output), the gradients written in place.
-    const std::size_t rows = 97, width = 103, m = rows * width;
-    Floats packed(2 * m);
-    for (std::size_t r = 0; r < rows; ++r)
-        for (std::size_t c = 0; c < width; ++c) {
-            packed[r * 2 * width + c] = x[r * width + c];
-            packed[r * 2 * width + width + c] = up[r * width + c];
-        }
-    const Floats gate_m(x.begin(), x.begin() + m), up_m(up.begin(), up.begin() + m), dy_m(dy.begin(), dy.begin() + m);
-    auto dpacked = to_device<T>(packed);
-    auto ddy_m = to_device<T>(dy_m);
-    cuda::DeviceArray<T> y_packed(m);
-    cuda::swiglu_forward_packed(dpacked.data(), y_packed.data(), rows, width);
-    cuda::swiglu_backward_packed(dpacked.data(), ddy_m.data(), dpacked.data(), rows, width);
-    sync("swiglu packed");
-    const ref::SwigluGrads want_m = ref::swiglu_backward(gate_m, up_m, dy_m);
-    Floats want_packed(2 * m);
-    for (std::size_t r = 0; r < rows; ++r)
-        for (std::size_t c = 0; c < width; ++c) {
-            want_packed[r * 2 * width + c] = want_m.d_gate[r * width + c];
-            want_packed[r * 2 * width + width + c] = want_m.d_up[r * width + c];
-        }
-    EXPECT_CLOSE(to_host(y_packed), ref::swiglu_forward(gate_m, up_m), tolerance<T>(), what + " packed y");
-    EXPECT_CLOSE(to_host(dpacked), want_packed, tolerance<T>(), what + " packed d_gate|d_up (in place)");
+    // Packed [rows, 2·width] gate|up (the fused projection's output), the gradients written in place;
+    // width 103 takes one value per thread, 104 16-byte vectors.
+    for (const std::size_t width : {std::size_t{103}, std::size_t{104}}) {
+        const std::size_t rows = 96, m = rows * width;
+        const std::string what = std::string("swiglu packed ") + type_name<T>() + " width " + std::to_string(width);
+        Floats packed(2 * m);
+        for (std::size_t r = 0; r < rows; ++r)
+            for (std::size_t c = 0; c < width; ++c) {
+                packed[r * 2 * width + c] = x[r * width + c];
+                packed[r * 2 * width + width + c] = up[r * width + c];
+            }
+        const Floats gate_m(x.begin(), x.begin() + m), up_m(up.begin(), up.begin() + m),
+            dy_m(dy.begin(), dy.begin() + m);
+        auto dpacked = to_device<T>(packed);
+        auto ddy_m = to_device<T>(dy_m);
+        cuda::DeviceArray<T> y_packed(m);
+        cuda::swiglu_forward_packed(dpacked.data(), y_packed.data(), rows, width);
+        cuda::swiglu_backward_packed(dpacked.data(), ddy_m.data(), dpacked.data(), rows, width);
+        sync("swiglu packed");
+        const ref::SwigluGrads want_m = ref::swiglu_backward(gate_m, up_m, dy_m);
+        Floats want_packed(2 * m);
+        for (std::size_t r = 0; r < rows; ++r)
+            for (std::size_t c = 0; c < width; ++c) {
+                want_packed[r * 2 * width + c] = want_m.d_gate[r * width + c];
+                want_packed[r * 2 * width + width + c] = want_m.d_up[r * width + c];
+            }
+        EXPECT_CLOSE(to_host(y_packed), ref::swiglu_forward(gate_m, up_m), tolerance<T>(), what + " y");
+        EXPECT_CLOSE(to_host(dpacked), want_packed, tolerance<T>(), what + " d_gate|d_up (in place)");
+    }
 }
 
 }  // namespace

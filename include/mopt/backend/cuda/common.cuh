@@ -61,6 +61,57 @@ __device__ inline V block_sum(V v) {
     return warp_totals[0];
 }
 
+// 16-byte vectors: memory-bound kernels move vec_width<T> values (f32: 4, bf16: 8) per load and
+// store, the widest access a thread has. p must be 16-byte aligned (the caller checks is_vec_aligned).
+template <class T>
+inline constexpr int vec_width = 16 / static_cast<int>(sizeof(T));
+
+template <class T>
+__device__ __forceinline__ void load_vec(const T* p, float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    if constexpr (std::same_as<T, float>) {
+        out[0] = __uint_as_float(raw.x);
+        out[1] = __uint_as_float(raw.y);
+        out[2] = __uint_as_float(raw.z);
+        out[3] = __uint_as_float(raw.w);
+    } else {
+        const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const float2 f = __bfloat1622float2(h[k]);
+            out[2 * k] = f.x;
+            out[2 * k + 1] = f.y;
+        }
+    }
+}
+
+template <class T>
+__device__ __forceinline__ void store_vec(T* p, const float* in) {
+    uint4 raw;
+    if constexpr (std::same_as<T, float>) {
+        raw = make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]), __float_as_uint(in[3]));
+    } else {
+        auto* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(in[2 * k], in[2 * k + 1]);
+    }
+    *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// V values per access: 1 (scalar) or vec_width<T> (one 16-byte load or store).
+template <int V, class T>
+__device__ __forceinline__ void load_values(const T* p, float* out) {
+    if constexpr (V == 1) out[0] = to_f32(*p);
+    else load_vec(p, out);
+}
+template <int V, class T>
+__device__ __forceinline__ void store_values(T* p, const float* in) {
+    if constexpr (V == 1) *p = from_f32<T>(in[0]);
+    else store_vec(p, in);
+}
+
+[[nodiscard]] inline bool is_vec_aligned(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
 [[nodiscard]] constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
 // Threads for a kernel that gives one block to each row of `cols` values: about four values per

@@ -85,38 +85,40 @@ __global__ void __launch_bounds__(Threads)
     if (threadIdx.x == 0) *count = c;
 }
 
-template <class T>
+// V logits per access (1, or vec_width<T> when V divides vocab and the rows are 16-byte aligned).
+template <int V, class T>
 __global__ void __launch_bounds__(1024)
     cross_entropy_rows_kernel(T* logits, const std::int32_t* targets, float* row_loss, const int* count, int vocab,
                               std::int32_t ignore_index, bool write_dlogits, float dloss) {
     T* x = logits + static_cast<std::int64_t>(blockIdx.x) * vocab;
     const std::int32_t t = targets[blockIdx.x];
+    const int step = static_cast<int>(blockDim.x) * V;
     // The branches below are uniform over the block (one target per row), so returning early
     // leaves no thread waiting at a barrier.
-    if (t == ignore_index) {
-        if (threadIdx.x == 0) row_loss[blockIdx.x] = 0.0f;
+    if (t == ignore_index || t < 0 || t >= vocab) {
+        const float fill = t == ignore_index ? 0.0f : NAN;
+        if (threadIdx.x == 0) row_loss[blockIdx.x] = fill;
         if (write_dlogits)
-            for (int j = threadIdx.x; j < vocab; j += blockDim.x) x[j] = from_f32<T>(0.0f);
-        return;
-    }
-    if (t < 0 || t >= vocab) {
-        if (threadIdx.x == 0) row_loss[blockIdx.x] = NAN;
-        if (write_dlogits)
-            for (int j = threadIdx.x; j < vocab; j += blockDim.x) x[j] = from_f32<T>(NAN);
+            for (int j = threadIdx.x; j < vocab; j += blockDim.x) x[j] = from_f32<T>(fill);
         return;
     }
     // Every thread reads the target logit before the barrier in block_merge; only after it may
     // any thread overwrite the row.
     const float x_t = to_f32(x[t]);
     MaxSum acc{-INFINITY, 0.0f};
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        const float v = to_f32(x[j]);
-        if (v > acc.m) {
-            acc.s = acc.s * expf(acc.m - v) + 1.0f;  // acc.m = −inf: 0·0 + 1
-            acc.m = v;
-        } else {
-            acc.s += v == -INFINITY ? 0.0f : expf(v - acc.m);  // a NaN v propagates into s
+    for (int j = threadIdx.x * V; j < vocab; j += step) {
+        float v[V];
+        load_values<V>(x + j, v);
+        float m = v[0];
+#pragma unroll
+        for (int k = 1; k < V; ++k) m = fmaxf(m, v[k]);
+        if (m > acc.m) {  // rescale once per V values
+            acc.s *= expf(acc.m - m);  // acc.m = −inf: 0·0
+            acc.m = m;
         }
+#pragma unroll
+        for (int k = 0; k < V; ++k)  // −inf adds 0, the maximum itself 1 (also when it is +inf); NaN propagates
+            acc.s += v[k] == -INFINITY ? 0.0f : (v[k] == acc.m ? 1.0f : expf(v[k] - acc.m));
     }
     const MaxSum total = block_merge(acc);
     const float log_sum = logf(total.s);
@@ -124,9 +126,15 @@ __global__ void __launch_bounds__(1024)
     if (threadIdx.x == 0) row_loss[blockIdx.x] = (total.m - x_t) + log_sum;
     if (!write_dlogits) return;
     const float scale = dloss / static_cast<float>(*count);
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        const float p = expf((to_f32(x[j]) - total.m) - log_sum);
-        x[j] = from_f32<T>(j == t ? (p - 1.0f) * scale : p * scale);
+    for (int j = threadIdx.x * V; j < vocab; j += step) {
+        float v[V];
+        load_values<V>(x + j, v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float p = expf((v[k] - total.m) - log_sum);
+            v[k] = j + k == t ? (p - 1.0f) * scale : p * scale;
+        }
+        store_values<V>(x + j, v);
     }
 }
 
@@ -158,8 +166,13 @@ void cross_entropy(T* logits, const std::int32_t* targets, float* loss, std::int
     float* row_loss = opt.row_loss ? opt.row_loss : scratch_loss.data();
     const int r = static_cast<int>(rows), v = static_cast<int>(vocab);
     count_targets_kernel<1024><<<1, 1024, 0, opt.stream>>>(targets, r, opt.ignore_index, count.data());
-    cross_entropy_rows_kernel<<<static_cast<unsigned>(rows), row_threads(vocab), 0, opt.stream>>>(
-        logits, targets, row_loss, count.data(), v, opt.ignore_index, opt.write_dlogits, opt.dloss);
+    constexpr int V = vec_width<T>;
+    if (vocab % V == 0 && is_vec_aligned(logits))
+        cross_entropy_rows_kernel<V><<<static_cast<unsigned>(rows), row_threads(vocab / V * 4), 0, opt.stream>>>(
+            logits, targets, row_loss, count.data(), v, opt.ignore_index, opt.write_dlogits, opt.dloss);
+    else
+        cross_entropy_rows_kernel<1><<<static_cast<unsigned>(rows), row_threads(vocab), 0, opt.stream>>>(
+            logits, targets, row_loss, count.data(), v, opt.ignore_index, opt.write_dlogits, opt.dloss);
     mean_loss_kernel<1024><<<1, 1024, 0, opt.stream>>>(row_loss, r, count.data(), loss);
     check_launch("cross_entropy", "logits [", rows, ", ", vocab, "]");
 }

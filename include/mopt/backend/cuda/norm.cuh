@@ -45,6 +45,71 @@ __global__ void __launch_bounds__(1024)
     if (rstd && threadIdx.x == 0) rstd[blockIdx.x] = rs;
 }
 
+// The same with 16-byte accesses: thread j owns vectors j, j + blockDim.x, ... of its row (V | d).
+template <int V, class T>
+__global__ void __launch_bounds__(1024)
+    rms_norm_forward_vec_kernel(const T* x, const float* weight, T* y, float* rstd, int d, float eps) {
+    const std::int64_t offset = static_cast<std::int64_t>(blockIdx.x) * d;
+    float ss = 0.0f;
+    for (int j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+        float v[V];
+        load_vec(x + offset + j, v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) ss += v[k] * v[k];
+    }
+    const float rs = 1.0f / sqrtf(block_sum(ss) / static_cast<float>(d) + eps);
+    for (int j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+        float v[V], w[V];
+        load_vec(x + offset + j, v);
+#pragma unroll
+        for (int k = 0; k < V; k += 4) load_vec(weight + j + k, w + k);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] *= rs * w[k];
+        store_vec(y + offset + j, v);
+    }
+    if (rstd && threadIdx.x == 0) rstd[blockIdx.x] = rs;
+}
+
+// RMSNorm's input gradient alone (no weight gradient), one block per row, 16-byte accesses:
+// dx = rstd·(ĝ − x̂·mean(ĝ ⊙ x̂)), ĝ = dy ⊙ w, added to dx when accumulate.
+template <int V, class T>
+__global__ void __launch_bounds__(1024) rms_norm_backward_vec_kernel(const T* x, const float* weight,
+                                                                     const float* rstd, const T* dy, T* dx, int d,
+                                                                     bool accumulate) {
+    const std::int64_t offset = static_cast<std::int64_t>(blockIdx.x) * d;
+    const float rs = rstd[blockIdx.x];
+    float s_gx = 0.0f;
+    for (int j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+        float xv[V], g[V], w[V];
+        load_vec(x + offset + j, xv);
+        load_vec(dy + offset + j, g);
+#pragma unroll
+        for (int k = 0; k < V; k += 4) load_vec(weight + j + k, w + k);
+#pragma unroll
+        for (int k = 0; k < V; ++k) s_gx += g[k] * w[k] * xv[k] * rs;
+    }
+    const float mean_gx = block_sum(s_gx) / static_cast<float>(d);
+    for (int j = threadIdx.x * V; j < d; j += blockDim.x * V) {
+        float xv[V], g[V], w[V], out[V];
+        load_vec(x + offset + j, xv);
+        load_vec(dy + offset + j, g);
+#pragma unroll
+        for (int k = 0; k < V; k += 4) load_vec(weight + j + k, w + k);
+        if (accumulate) load_vec(dx + offset + j, out);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float v = rs * (g[k] * w[k] - xv[k] * rs * mean_gx);
+            out[k] = accumulate ? out[k] + v : v;
+        }
+        store_vec(dx + offset + j, out);
+    }
+}
+
+// Threads for one block per row of d values taken V at a time: whole warps, one vector each.
+[[nodiscard]] inline int vec_row_threads(std::int64_t d, int v) {
+    return static_cast<int>(std::clamp<std::int64_t>(ceil_div(ceil_div(d, v), 32) * 32, 32, 1024));
+}
+
 template <class T>
 __global__ void __launch_bounds__(1024) layer_norm_forward_kernel(const T* x, const float* weight, const float* bias,
                                                                   T* y, float* mean, float* rstd, int d, float eps) {
@@ -145,6 +210,16 @@ void norm_backward(const char* op, const T* x, const float* weight, const float*
         return;
     }
     if (!dx && !dweight && !dbias) return;
+    constexpr int V = vec_width<T>;
+    if (!Centred && dx && !dweight && !dbias && d % V == 0 && is_vec_aligned(x) && is_vec_aligned(dy) &&
+        is_vec_aligned(dx) && is_vec_aligned(weight)) {
+        // dx may alias dy: each thread reads its own vectors of dy before writing them, and no other
+        // thread touches them
+        rms_norm_backward_vec_kernel<V><<<static_cast<unsigned>(rows), vec_row_threads(d, V), 0, stream>>>(
+            x, weight, rstd, dy, dx, static_cast<int>(d), accumulate);
+        check_launch(op, "backward [", rows, ", ", d, "]");
+        return;
+    }
     const bool params = dweight || dbias;
     // With parameter gradients, about two blocks per SM, each over a chunk of rows (fewer partial
     // rows to add); without, one block per row.
@@ -188,8 +263,13 @@ void rms_norm_forward(const T* x, const float* weight, T* y, float* rstd, std::i
     norm_detail::check_norm("rms_norm_forward", x, weight, y, rows, d);
     check(eps >= 0.0f, "cuda::rms_norm_forward: eps must be non-negative, got ", eps);
     if (rows == 0) return;
-    norm_detail::rms_norm_forward_kernel<<<static_cast<unsigned>(rows), row_threads(d), 0, stream>>>(
-        x, weight, y, rstd, static_cast<int>(d), eps);
+    constexpr int V = vec_width<T>;
+    if (d % V == 0 && is_vec_aligned(x) && is_vec_aligned(y) && is_vec_aligned(weight))
+        norm_detail::rms_norm_forward_vec_kernel<V><<<static_cast<unsigned>(rows), norm_detail::vec_row_threads(d, V), 0,
+                                                      stream>>>(x, weight, y, rstd, static_cast<int>(d), eps);
+    else
+        norm_detail::rms_norm_forward_kernel<<<static_cast<unsigned>(rows), row_threads(d), 0, stream>>>(
+            x, weight, y, rstd, static_cast<int>(d), eps);
     check_launch("rms_norm_forward", "[", rows, ", ", d, "]");
 }
 

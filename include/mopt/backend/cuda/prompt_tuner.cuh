@@ -51,7 +51,10 @@ namespace prompt_tuner_detail {
 // One AdamW update of w from g, at step *step + 1 (train/adamw.hpp's arithmetic, in f32).
 // w, g, m, v: f32 [n]
 // g is scaled by clip/‖g‖ first when clip > 0 and ‖g‖ = *norm exceeds it (and the scaled g stored).
-__global__ void adamw_kernel(float* w, float* g, float* m, float* v, std::int64_t n, const std::int64_t* step,
+// (The kernels are templates on the value type only so that this header can be included by several
+// translation units: a non-template __global__ function would be defined in each.)
+template <class F>
+__global__ void adamw_kernel(F* w, float* g, float* m, float* v, std::int64_t n, const std::int64_t* step,
                              AdamWOptions o, const float* norm, float clip) {
     const float t = static_cast<float>(*step + 1);
     const float bc1 = 1.0f - powf(o.beta1, t), bc2 = 1.0f - powf(o.beta2, t);
@@ -69,10 +72,12 @@ __global__ void adamw_kernel(float* w, float* g, float* m, float* v, std::int64_
     }
 }
 
-__global__ void advance_step_kernel(std::int64_t* step) { *step += 1; }
+template <class I>
+__global__ void advance_step_kernel(I* step) { *step += 1; }
 
 // *norm = ‖g‖₂ (one block; the prompt's K·d values are few). Partial sums in f64, as the CPU's.
-__global__ void __launch_bounds__(1024) grad_norm_kernel(const float* g, std::int64_t n, float* norm) {
+template <class F>
+__global__ void __launch_bounds__(1024) grad_norm_kernel(const F* g, std::int64_t n, F* norm) {
     __shared__ double partial[32];
     double s = 0.0;
     for (std::int64_t i = threadIdx.x; i < n; i += blockDim.x) s += static_cast<double>(g[i]) * g[i];

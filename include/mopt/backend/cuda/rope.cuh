@@ -10,6 +10,9 @@
 // in double like the CPU op (p · freq reaches 1e4+ where a float angle has lost the digits the
 // sine needs), and shared by every layer, batch entry and head.
 //
+// The half style moves 16 bytes per access (V = 4 f32 or 8 bf16 pairs per thread) when half is a
+// multiple of V; the interleaved style and odd sizes take one pair per thread.
+//
 // x, y, dy, dx: f32 or bf16 (math in f32); outputs are overwritten; y may alias x, dx may alias dy.
 #include <cuda_runtime.h>
 
@@ -56,6 +59,37 @@ __global__ void rope_rotate_kernel(const T* x, T* y, const float* table, std::in
     }
 }
 
+// The half style with 16-byte accesses: a unit is V consecutive pairs (i..i+V−1, partners + half)
+// of one head row, so the index arithmetic runs once per V pairs. V divides half.
+template <int V, class T>
+__global__ void rope_half_vec_kernel(const T* x, T* y, const float* table, std::int64_t units, std::int64_t seq,
+                                     int heads, int half, float sign) {
+    const int half_units = half / V;
+    for (std::int64_t u = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; u < units;
+         u += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+        const std::int64_t head_row = u / half_units;  // (b·seq + t)·heads + h
+        const int i = static_cast<int>(u - head_row * half_units) * V;
+        const std::int64_t t = (head_row / heads) % seq;
+        const std::int64_t a = head_row * (2 * half) + i, b = a + half;
+        float xa[V], xb[V], c[V], sn[V], ya[V], yb[V];
+        load_vec(x + a, xa);
+        load_vec(x + b, xb);
+#pragma unroll
+        for (int k = 0; k < V; k += 4) {
+            load_vec(table + t * half + i + k, c + k);
+            load_vec(table + (seq + t) * half + i + k, sn + k);
+        }
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float sk = sign * sn[k];
+            ya[k] = xa[k] * c[k] - xb[k] * sk;
+            yb[k] = xa[k] * sk + xb[k] * c[k];
+        }
+        store_vec(y + a, ya);
+        store_vec(y + b, yb);
+    }
+}
+
 inline void check_rope(const char* op, const void* x, const void* y, const float* table, std::int64_t batch,
                        std::int64_t seq, std::int64_t heads, std::int64_t head_dim) {
     check(batch >= 0 && seq >= 0 && heads >= 0 && head_dim > 0 && head_dim % 2 == 0, "cuda::", op,
@@ -74,6 +108,14 @@ void rotate(const char* op, const T* x, T* y, const float* table, std::int64_t b
     const std::int64_t half = head_dim / 2, pairs = batch * seq * heads * half;
     if (pairs == 0) return;
     const bool half_style = style == RopeStyle::half;
+    constexpr int V = vec_width<T>;
+    if (half_style && half % V == 0 && is_vec_aligned(x) && is_vec_aligned(y) && is_vec_aligned(table)) {
+        const std::int64_t units = pairs / V;
+        rope_half_vec_kernel<V><<<elementwise_blocks(units), elementwise_threads, 0, stream>>>(
+            x, y, table, units, seq, static_cast<int>(heads), static_cast<int>(half), sign);
+        check_launch(op, "[", batch, ", ", seq, ", ", heads, ", ", head_dim, "]");
+        return;
+    }
     rope_rotate_kernel<<<elementwise_blocks(pairs), elementwise_threads, 0, stream>>>(
         x, y, table, pairs, seq, static_cast<int>(heads), static_cast<int>(half), half_style ? 1 : 2,
         half_style ? static_cast<int>(half) : 1, sign);
