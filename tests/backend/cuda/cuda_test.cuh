@@ -14,7 +14,27 @@
 #include <string>
 #include <vector>
 
+#include <mopt/backend/cuda/allocator.cuh>
+#include <mopt/backend/cuda/device.cuh>
+
 namespace mopt::cuda_test {
+
+// Host f32 values -> a device array, the copy finished (a model's own stream does not wait for the
+// legacy-stream copy).
+inline backend::cuda::DeviceArray<float> device_prompt(const std::vector<float>& p) {
+    backend::cuda::DeviceArray<float> a(p.size());
+    a.upload(p);
+    backend::cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    return a;
+}
+
+// A device array's values on the host, after all queued work.
+inline std::vector<float> download(const backend::cuda::DeviceArray<float>& a) {
+    backend::cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    std::vector<float> out(a.size());
+    a.download(out);
+    return out;
+}
 
 struct Case {
     const char* name;

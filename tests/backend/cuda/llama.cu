@@ -29,25 +29,13 @@ namespace {
 namespace cuda = mopt::backend::cuda;
 using mopt::cuda_test::LlamaCase;
 using mopt::cuda_test::LlamaReference;
+using mopt::cuda_test::device_prompt;
+using mopt::cuda_test::download;
 
 double scalar_error(double got, double want) { return std::abs(got - want) / std::max(std::abs(want), 1e-30); }
 
 cuda::LlamaRunShape shape_of(const LlamaCase& c) {
     return {.batch = c.batch, .seq = c.seq, .prompt_len = c.prompt_len};
-}
-
-cuda::DeviceArray<float> device_prompt(const std::vector<float>& p) {
-    cuda::DeviceArray<float> a(p.size());
-    a.upload(p);
-    cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");  // the model's stream does not wait for it
-    return a;
-}
-
-std::vector<float> download(const cuda::DeviceArray<float>& a) {
-    cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    std::vector<float> out(a.size());
-    a.download(out);
-    return out;
 }
 
 // The forward in logits and loss mode and the prompt gradient of a train forward, against the CPU.

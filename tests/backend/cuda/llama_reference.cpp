@@ -1,5 +1,6 @@
 // The CPU side of tests/backend/cuda/llama.cu (see llama_reference.hpp).
 #include "llama_reference.hpp"
+#include "reference_weights.hpp"
 
 #include <bit>
 #include <cmath>
@@ -21,30 +22,6 @@ namespace mopt::cuda_test {
 namespace {
 
 using Model = nn::Transformer<nn::Llama, nn::Llama::FFN, compress::None, prompt::SoftPrompt>;
-
-// Round to the nearest bf16 (ties to even), kept in a float.
-float round_bf16(float x) {
-    std::uint32_t u = std::bit_cast<std::uint32_t>(x);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return std::bit_cast<float>(u & 0xffff0000u);
-}
-
-// Weights scaled so every activation is O(1): projections Normal(0, 1/in) (attention scores of
-// unit spread, so the mask and the rotary positions change the result), embeddings Normal(0, 4/d)
-// (logits of spread ~2 through a tied head), norm weights 1 + Normal(0, 0.04).
-void randomize(Model& model, std::uint64_t seed, bool bf16) {
-    std::mt19937_64 rng(seed);
-    model.visit_parameters([&](autodiff::Parameter& p) {
-        const Shape& s = p.shape();
-        const bool embedding = p.name() == "model.embed_tokens.weight" || p.name() == "lm_head.weight";
-        const float mean = s.rank() == 1 ? 1.0f : 0.0f;
-        const float stddev = s.rank() == 1 ? 0.2f
-                             : embedding   ? 2.0f / std::sqrt(static_cast<float>(s[1]))
-                                           : 1.0f / std::sqrt(static_cast<float>(s[1]));
-        std::normal_distribution<float> dist(mean, stddev);
-        for (float& v : p.value().span()) v = bf16 ? round_bf16(dist(rng)) : dist(rng);
-    });
-}
 
 }  // namespace
 

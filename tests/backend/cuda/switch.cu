@@ -38,6 +38,8 @@ using bf16 = __nv_bfloat16;
 using mopt::cuda_test::SwitchCase;
 using mopt::cuda_test::SwitchLlamaCase;
 using mopt::cuda_test::SwitchLlamaReference;
+using mopt::cuda_test::device_prompt;
+using mopt::cuda_test::download;
 using mopt::cuda_test::SwitchReference;
 
 double scalar_error(double got, double want) { return std::abs(got - want) / std::max(std::abs(want), 1e-30); }
@@ -213,20 +215,6 @@ namespace {
 
 cuda::LlamaRunShape shape_of(const SwitchLlamaCase& c) {
     return {.batch = c.batch, .seq = c.seq, .prompt_len = c.prompt_len};
-}
-
-cuda::DeviceArray<float> device_prompt(const std::vector<float>& p) {
-    cuda::DeviceArray<float> a(p.size());
-    a.upload(p);
-    cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");  // the model's stream does not wait for it
-    return a;
-}
-
-std::vector<float> download(const cuda::DeviceArray<float>& a) {
-    cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    std::vector<float> out(a.size());
-    a.download(out);
-    return out;
 }
 
 // Each Switch layer's rows per expert and dropped rows against the CPU's.

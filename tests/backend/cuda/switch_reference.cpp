@@ -1,5 +1,6 @@
 // The CPU side of tests/backend/cuda/switch.cu (see switch_reference.hpp).
 #include "switch_reference.hpp"
+#include "reference_weights.hpp"
 
 #include <algorithm>
 #include <bit>
@@ -21,13 +22,6 @@
 namespace mopt::cuda_test {
 
 namespace {
-
-// Round to the nearest bf16 (ties to even), kept in a float.
-float round_bf16(float x) {
-    std::uint32_t u = std::bit_cast<std::uint32_t>(x);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return std::bit_cast<float>(u & 0xffff0000u);
-}
 
 std::vector<float> values(const Tensor& t) { return t.to_vector(); }
 
@@ -130,23 +124,6 @@ SwitchReference switch_reference(const SwitchCase& c) {
 }
 
 namespace {
-
-// Weights scaled so every activation is O(1), as llama_reference.cpp: projections (routers and
-// experts included) Normal(0, 1/in), embeddings Normal(0, 4/d), norm weights 1 + Normal(0, 0.04).
-template <class Model>
-void randomize(Model& model, std::uint64_t seed, bool bf16) {
-    std::mt19937_64 rng(seed);
-    model.visit_parameters([&](autodiff::Parameter& p) {
-        const Shape& s = p.shape();
-        const bool embedding = p.name() == "model.embed_tokens.weight" || p.name() == "lm_head.weight";
-        const float mean = s.rank() == 1 ? 1.0f : 0.0f;
-        const float stddev = s.rank() == 1 ? 0.2f
-                             : embedding   ? 2.0f / std::sqrt(static_cast<float>(s[1]))
-                                           : 1.0f / std::sqrt(static_cast<float>(s[1]));
-        std::normal_distribution<float> dist(mean, stddev);
-        for (float& v : p.value().span()) v = bf16 ? round_bf16(dist(rng)) : dist(rng);
-    });
-}
 
 bool ends_with(const std::string& s, const std::string& tail) {
     return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
