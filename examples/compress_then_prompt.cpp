@@ -129,12 +129,7 @@ int run(const Options& o, Model& dense) {
         r.ppl_text = text_ppl(m);
         std::fprintf(stderr, "compress_then_prompt: %s: %.2f MB, test ppl %.2f\n", recipe.describe().c_str(), r.bytes / 1e6, r.ppl);
         for (const std::int64_t k : lens) {
-            prompt::PromptConfig pc;
-            pc.length = k;
-            pc.init = prompt::PromptInit::vocab;
-            pc.frequent_ids = d.frequent_ids;
-            pc.seed = o.seed;
-            m.init_prompt(pc);
+            m.init_prompt(experiment::vocab_prompt(k, d, o.seed));
             if (o.prompts_from.empty()) {
                 r.prompted.push_back(experiment::tune_and_score(m, d,
                                                                 {.steps = o.steps, .lr = o.lr, .teacher = teacher,

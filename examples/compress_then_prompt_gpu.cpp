@@ -43,12 +43,7 @@ Setup setup_model(const Options& o, std::int64_t train_steps, Model& dense) {
     Model m = Model::load(o.model);
     compress::compress(m, recipe, calibration);
     s.ppl_compressed = eval::corpus_perplexity(m, d.test, d.eval_batches).ppl();
-    prompt::PromptConfig pc;
-    pc.length = o.prompt_len;
-    pc.init = prompt::PromptInit::vocab;
-    pc.frequent_ids = d.frequent_ids;
-    pc.seed = o.seed;
-    m.init_prompt(pc);
+    m.init_prompt(experiment::vocab_prompt(o.prompt_len, d, o.seed));
     const auto p = m.prompt().prompt.value().span();
     s.prompt.assign(p.begin(), p.end());
     s.weights = backend::cuda::llama_host_weights(m);

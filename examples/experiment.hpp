@@ -51,6 +51,17 @@ struct BrownData {
     [[nodiscard]] std::int64_t domains() const { return static_cast<std::int64_t>(splits.train.domains.size()); }
 };
 
+// A prompt of `length` rows initialised from the embeddings of the Brown train split's most frequent
+// tokens (Lester et al.'s vocabulary initialisation), as every experiment starts its prompts.
+inline prompt::PromptConfig vocab_prompt(std::int64_t length, const BrownData& d, std::uint64_t seed) {
+    prompt::PromptConfig pc;
+    pc.length = length;
+    pc.init = prompt::PromptInit::vocab;
+    pc.frequent_ids = d.frequent_ids;
+    pc.seed = seed;
+    return pc;
+}
+
 struct BrownOptions {
     std::int64_t batch = 8, seq_len = 128, eval_windows = 64;
     std::uint64_t seed = 0;

@@ -97,14 +97,10 @@ public:
     Experiment(const Options& o, experiment::BrownData& d) : o_(o), d_(d) {}
 
     prompt::PromptConfig prompt_config(bool mop, std::int64_t inject_layer, std::int64_t per_expert) const {
-        prompt::PromptConfig pc;
+        prompt::PromptConfig pc = experiment::vocab_prompt(o_.experts * per_expert, d_, o_.seed);
         pc.experts = mop ? o_.experts : 1;
-        pc.length = o_.experts * per_expert;
         pc.inject_layer = inject_layer;
         pc.gate_dim = o_.gate_dim;
-        pc.init = prompt::PromptInit::vocab;
-        pc.frequent_ids = d_.frequent_ids;
-        pc.seed = o_.seed;
         return pc;
     }
     [[nodiscard]] std::int64_t gate_steps() const { return o_.experts == d_.domains() ? o_.gate_steps : 0; }

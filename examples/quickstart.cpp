@@ -102,12 +102,7 @@ int run(const Options& o) {
     model.save(work / "compressed");
 
     // 3. A soft prompt on the frozen compressed model.
-    prompt::PromptConfig soft;
-    soft.length = o.prompt_len;
-    soft.init = prompt::PromptInit::vocab;
-    soft.frequent_ids = d.frequent_ids;
-    soft.seed = o.seed;
-    model.init_prompt(soft);
+    model.init_prompt(experiment::vocab_prompt(o.prompt_len, d, o.seed));
     const double ppl_prompt = experiment::tune_and_score(model, d, {.steps = o.steps, .lr = o.lr}).ppl();
     std::fprintf(stderr, "quickstart: + soft prompt (%lld tokens): test ppl %.2f (%.0f s)\n",
                  static_cast<long long>(o.prompt_len), ppl_prompt, experiment::seconds_since(t0));
@@ -115,14 +110,10 @@ int run(const Options& o) {
     // 4. A Mixture of Prompts (Dun et al.): experts × per_expert prompts at layer L_int, a gate
     //    pretrained on the domain labels (expert d <-> Brown group d), then trained jointly.
     MopModel mop = MopModel::load(work / "compressed");
-    prompt::PromptConfig pc;
+    prompt::PromptConfig pc = experiment::vocab_prompt(o.experts * o.per_expert, d, o.seed);
     pc.experts = o.experts;
-    pc.length = o.experts * o.per_expert;
     pc.inject_layer = o.inject_layer;
     pc.gate_dim = o.gate_dim;
-    pc.init = prompt::PromptInit::vocab;
-    pc.frequent_ids = soft.frequent_ids;
-    pc.seed = o.seed;
     mop.init_prompt(pc);
     const std::int64_t gate_steps = o.experts == d.domains() ? o.gate_steps : 0;
     const double ppl_mop =

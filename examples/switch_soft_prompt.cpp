@@ -291,11 +291,7 @@ int run(const Options& o, const compress::Recipe& recipe, Model& plain) {
         std::fprintf(stderr, "switch_soft_prompt: %s: test ppl %.3f, CV %.3f (%.0f s)\n", recipe.describe().c_str(),
                      compressed_alone.eval.ppl(), compressed_alone.balance.overall.cv, experiment::seconds_since(t0));
 
-        prompt::PromptConfig pc;
-        pc.length = K;
-        pc.init = prompt::PromptInit::vocab;
-        pc.frequent_ids = d.frequent_ids;
-        pc.seed = o.seed;
+        const prompt::PromptConfig pc = experiment::vocab_prompt(K, d, o.seed);
         const std::string cname = experiment::short_name(recipe);
         std::vector<Run> runs;
         for (int which = 0; which < 2; ++which) {

@@ -1,12 +1,15 @@
 #pragma once
-// Shared by the CPU references of the CUDA tests (g++ side): bf16 rounding and the random weights
-// every whole-model reference starts from.
+// Shared by the CPU references of the CUDA tests (g++ side): bf16 rounding, the random weights every
+// whole-model reference starts from, and its random batch.
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <utility>
 
 #include <mopt/autodiff/parameter.hpp>
+#include <mopt/nn/linear_role.hpp>  // before transformer.hpp, as the references include them
+#include <mopt/nn/transformer.hpp>
 
 namespace mopt::cuda_test {
 
@@ -35,6 +38,19 @@ void randomize(Model& model, std::uint64_t seed, bool bf16) {
         std::normal_distribution<float> dist(mean, stddev);
         for (float& v : p.value().span()) v = bf16 ? round_bf16(dist(rng)) : dist(rng);
     });
+}
+
+// A batch of uniform random ids [batch, seq] and their next-token targets (−100 at each row's end
+// and at one more position in the middle, so an ignored target inside a row is exercised).
+inline std::pair<Tensor, Tensor> random_batch(std::int64_t vocab, std::int64_t batch, std::int64_t seq,
+                                              std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<std::int32_t> token(0, static_cast<std::int32_t>(vocab) - 1);
+    Tensor ids = Tensor::empty({batch, seq}, DType::i32);
+    for (std::int32_t& v : ids.span<std::int32_t>()) v = token(rng);
+    Tensor targets = nn::next_token_targets(ids);
+    targets.span<std::int32_t>()[static_cast<std::size_t>(batch * seq / 2)] = -100;
+    return {std::move(ids), std::move(targets)};
 }
 
 }  // namespace mopt::cuda_test

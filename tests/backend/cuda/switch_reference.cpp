@@ -194,12 +194,7 @@ SwitchLlamaReference run(const SwitchLlamaCase& c) {
     SwitchLlamaReference r;
     r.weights = backend::cuda::llama_host_weights(model);
     r.prompt = prompt.value().to_vector();
-    std::mt19937_64 rng(c.seed + 11);
-    std::uniform_int_distribution<std::int32_t> token(0, static_cast<std::int32_t>(c.vocab) - 1);
-    Tensor ids = Tensor::empty({c.batch, c.seq}, DType::i32);
-    for (std::int32_t& v : ids.span<std::int32_t>()) v = token(rng);
-    Tensor targets = nn::next_token_targets(ids);
-    targets.span<std::int32_t>()[static_cast<std::size_t>(c.batch * c.seq / 2)] = -100;  // an ignored middle target
+    const auto [ids, targets] = random_batch(c.vocab, c.batch, c.seq, c.seed + 11);
     r.ids.assign(ids.span<std::int32_t>().begin(), ids.span<std::int32_t>().end());
     r.targets.assign(targets.span<std::int32_t>().begin(), targets.span<std::int32_t>().end());
 
