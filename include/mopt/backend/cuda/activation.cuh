@@ -17,6 +17,7 @@
 // an input of the same index (y = x, dx = dy).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -77,9 +78,12 @@ __global__ void backward_kernel(const T* x, const T* dy, T* dx, std::int64_t n) 
 // SwiGLU over n values, V at a time. Element i of gate/up lives at i (separate arrays) or, Packed,
 // in row i / width of a [rows, 2·width] array whose first half is gate and second half up
 // (up = gate + width); y and dy are dense. V divides width (and n).
+// rows_used (device, may be null): only rows below *rows_used are computed (Packed only).
 template <bool Packed, int V, class T>
-__global__ void swiglu_forward_kernel(const T* gate, const T* up, T* y, std::int64_t n, std::int64_t width) {
-    const std::int64_t units = n / V, width_units = width / V;
+__global__ void swiglu_forward_kernel(const T* gate, const T* up, T* y, std::int64_t n, std::int64_t width,
+                                      const std::int32_t* rows_used) {
+    const std::int64_t units = (rows_used ? std::min<std::int64_t>(n, *rows_used * width) : n) / V,
+                       width_units = width / V;
     MOPT_CUDA_GRID_STRIDE(u, units) {
         const std::int64_t i = u * V;
         const std::int64_t j = Packed ? (u / width_units) * 2 * width + (u % width_units) * V : i;
@@ -94,8 +98,9 @@ __global__ void swiglu_forward_kernel(const T* gate, const T* up, T* y, std::int
 
 template <bool Packed, int V, class T>
 __global__ void swiglu_backward_kernel(const T* gate, const T* up, const T* dy, T* d_gate, T* d_up, std::int64_t n,
-                                       std::int64_t width) {
-    const std::int64_t units = n / V, width_units = width / V;
+                                       std::int64_t width, const std::int32_t* rows_used) {
+    const std::int64_t units = (rows_used ? std::min<std::int64_t>(n, *rows_used * width) : n) / V,
+                       width_units = width / V;
     MOPT_CUDA_GRID_STRIDE(u, units) {
         const std::int64_t i = u * V;
         const std::int64_t j = Packed ? (u / width_units) * 2 * width + (u % width_units) * V : i;
@@ -189,7 +194,7 @@ void swiglu_forward(const T* gate, const T* up, T* y, std::int64_t n, cudaStream
     if (n == 0) return;
     activation_detail::with_vec_width<T>(n, {gate, up, y}, [&](auto v) {
         activation_detail::swiglu_forward_kernel<false, decltype(v)::value>
-            <<<elementwise_blocks(n / v), elementwise_threads, 0, stream>>>(gate, up, y, n, n);
+            <<<elementwise_blocks(n / v), elementwise_threads, 0, stream>>>(gate, up, y, n, n, nullptr);
     });
     check_launch("swiglu_forward", "[", n, "]");
 }
@@ -202,38 +207,43 @@ void swiglu_backward(const T* gate, const T* up, const T* dy, T* d_gate, T* d_up
     if (n == 0 || (!d_gate && !d_up)) return;
     activation_detail::with_vec_width<T>(n, {gate, up, dy, d_gate, d_up}, [&](auto v) {
         activation_detail::swiglu_backward_kernel<false, decltype(v)::value>
-            <<<elementwise_blocks(n / v), elementwise_threads, 0, stream>>>(gate, up, dy, d_gate, d_up, n, n);
+            <<<elementwise_blocks(n / v), elementwise_threads, 0, stream>>>(gate, up, dy, d_gate, d_up, n, n,
+                                                                                  nullptr);
     });
     check_launch("swiglu_backward", "[", n, "]");
 }
 
 // The packed layout of a fused gate|up projection (one GEMM against the stacked [Wgate; Wup]):
 // gate_up: [rows, 2·width], gate in columns [0, width), up in [width, 2·width) -> y: [rows, width]
+// rows_used: a device count (e.g. the rows a routing step filled); only rows below it are computed,
+// the others left as they are (null: all rows). The launch covers `rows`, so it is graph-safe.
 template <DeviceFloat T>
 void swiglu_forward_packed(const T* gate_up, T* y, std::int64_t rows, std::int64_t width,
-                           cudaStream_t stream = nullptr) {
+                           cudaStream_t stream = nullptr, const std::int32_t* rows_used = nullptr) {
     const std::int64_t n = rows * width;
     activation_detail::check_elementwise("swiglu_forward_packed", n, gate_up && y);
     if (n == 0) return;
     activation_detail::with_vec_width<T>(width, {gate_up, y}, [&](auto v) {
         activation_detail::swiglu_forward_kernel<true, decltype(v)::value>
-            <<<elementwise_blocks(n / v), elementwise_threads, 0, stream>>>(gate_up, gate_up + width, y, n, width);
+            <<<elementwise_blocks(n / v), elementwise_threads, 0, stream>>>(gate_up, gate_up + width, y, n, width,
+                                                                             rows_used);
     });
     check_launch("swiglu_forward_packed", "[", rows, ", 2 x ", width, "]");
 }
 
 // gate_up: [rows, 2·width] (as above), dy: [rows, width] -> d_gate_up: [rows, 2·width], the same
 // packing (d gate | d up); it may be gate_up itself, so the backward GEMM reads one array.
+// rows_used as in swiglu_forward_packed.
 template <DeviceFloat T>
 void swiglu_backward_packed(const T* gate_up, const T* dy, T* d_gate_up, std::int64_t rows, std::int64_t width,
-                            cudaStream_t stream = nullptr) {
+                            cudaStream_t stream = nullptr, const std::int32_t* rows_used = nullptr) {
     const std::int64_t n = rows * width;
     activation_detail::check_elementwise("swiglu_backward_packed", n, gate_up && dy && d_gate_up);
     if (n == 0) return;
     activation_detail::with_vec_width<T>(width, {gate_up, dy, d_gate_up}, [&](auto v) {
         activation_detail::swiglu_backward_kernel<true, decltype(v)::value>
             <<<elementwise_blocks(n / v), elementwise_threads, 0, stream>>>(gate_up, gate_up + width, dy, d_gate_up,
-                                                                            d_gate_up + width, n, width);
+                                                                            d_gate_up + width, n, width, rows_used);
     });
     check_launch("swiglu_backward_packed", "[", rows, ", 2 x ", width, "]");
 }

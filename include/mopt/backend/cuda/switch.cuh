@@ -55,6 +55,7 @@
 #include <utility>
 #include <vector>
 
+#include "mopt/backend/cuda/activation.cuh"
 #include "mopt/backend/cuda/allocator.cuh"
 #include "mopt/backend/cuda/blas.cuh"
 #include "mopt/backend/cuda/common.cuh"
@@ -157,27 +158,6 @@ struct SwitchStats {
 namespace switch_detail {
 
 inline constexpr int tile_rows = 256;  // rows per block of the routing kernels: 8 warps, a thread per row
-
-// Values of T in one 16-byte vector.
-template <class T>
-inline constexpr int pack = 16 / static_cast<int>(sizeof(T));
-
-template <class T>
-__device__ inline void load_pack(const T* p, float (&v)[pack<T>]) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < pack<T>; ++i) v[i] = to_f32(e[i]);
-}
-
-template <class T>
-__device__ inline void store_pack(T* p, const float (&v)[pack<T>]) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < pack<T>; ++i) e[i] = from_f32<T>(v[i]);
-    *reinterpret_cast<uint4*>(p) = raw;
-}
 
 // Softmax, top-1 (nn::SwitchFFN: argmax of the probabilities, the lower index on ties), p of the
 // chosen expert and logsumexp per row; the row's rank among the earlier rows of the tile that chose
@@ -334,11 +314,11 @@ __global__ void assign_kernel(const std::int32_t* expert, const std::int32_t* ra
     if (s >= 0) perm[s] = r;
 }
 
-// dst[s] = src[perm[s]], or zeros where perm[s] = −1. One block per row of dst; d: a multiple of pack<T>.
+// dst[s] = src[perm[s]], or zeros where perm[s] = −1. One block per row of dst; d: a multiple of vec_width<T>.
 template <class T>
 __global__ void gather_rows_kernel(const T* src, const std::int32_t* perm, T* dst, int d) {
     const std::int64_t s = blockIdx.x;
-    const int t = perm[s], vecs = d / pack<T>;
+    const int t = perm[s], vecs = d / vec_width<T>;
     uint4* out = reinterpret_cast<uint4*>(dst + s * d);
     if (t < 0) {
         for (int v = static_cast<int>(threadIdx.x); v < vecs; v += blockDim.x) out[v] = make_uint4(0, 0, 0, 0);
@@ -348,66 +328,24 @@ __global__ void gather_rows_kernel(const T* src, const std::int32_t* perm, T* ds
     for (int v = static_cast<int>(threadIdx.x); v < vecs; v += blockDim.x) out[v] = in[v];
 }
 
-// act[r] = silu(gate[r]) ⊙ up[r] for the rows below *used (hidden: [P, 2F] = gate | up, act: [P, F]).
-template <class T>
-__global__ void swiglu_rows_kernel(const T* hidden, T* act, int f, const std::int32_t* used) {
-    const int per_row = f / pack<T>;
-    const std::int64_t n = static_cast<std::int64_t>(*used) * per_row;
-    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-         i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-        const std::int64_t r = i / per_row, c = (i % per_row) * pack<T>;
-        float g[pack<T>], u[pack<T>], y[pack<T>];
-        load_pack(hidden + r * 2 * f + c, g);
-        load_pack(hidden + r * 2 * f + f + c, u);
-#pragma unroll
-        for (int k = 0; k < pack<T>; ++k) y[k] = g[k] / (1.0f + expf(-g[k])) * u[k];
-        store_pack(act + r * f + c, y);
-    }
-}
-
-// In place over hidden = gate | up: d gate = dy·u·silu'(g), d up = dy·silu(g), dy = d_act, for the
-// rows below *used (activation.cuh's swiglu_backward).
-template <class T>
-__global__ void swiglu_rows_backward_kernel(T* hidden, const T* d_act, int f, const std::int32_t* used) {
-    const int per_row = f / pack<T>;
-    const std::int64_t n = static_cast<std::int64_t>(*used) * per_row;
-    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-         i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-        const std::int64_t r = i / per_row, c = (i % per_row) * pack<T>;
-        float g[pack<T>], u[pack<T>], dy[pack<T>];
-        load_pack(hidden + r * 2 * f + c, g);
-        load_pack(hidden + r * 2 * f + f + c, u);
-        load_pack(d_act + r * f + c, dy);
-#pragma unroll
-        for (int k = 0; k < pack<T>; ++k) {
-            const float s = 1.0f / (1.0f + expf(-g[k]));
-            const float dg = dy[k] * u[k] * s * (1.0f + g[k] * (1.0f - s)), du = dy[k] * g[k] * s;
-            g[k] = dg;
-            u[k] = du;
-        }
-        store_pack(hidden + r * 2 * f + c, g);
-        store_pack(hidden + r * 2 * f + f + c, u);
-    }
-}
-
 // out[r] = residual[r] + p[r] · y[slot[r]] (residual nullptr: 0; a dropped row adds nothing).
 // One block per row; out may alias residual.
 template <class T>
 __global__ void combine_kernel(const T* y, const std::int32_t* slot, const float* prob, const T* residual, T* out,
                                int d) {
     const std::int64_t r = blockIdx.x;
-    const int s = slot[r], vecs = d / pack<T>;
+    const int s = slot[r], vecs = d / vec_width<T>;
     const float p = s >= 0 ? prob[r] : 0.0f;
     for (int v = static_cast<int>(threadIdx.x); v < vecs; v += blockDim.x) {
-        float acc[pack<T>] = {};
-        if (residual) load_pack(residual + r * d + v * pack<T>, acc);
+        float acc[vec_width<T>] = {};
+        if (residual) load_vec(residual + r * d + v * vec_width<T>, acc);
         if (s >= 0) {
-            float e[pack<T>];
-            load_pack(y + static_cast<std::int64_t>(s) * d + v * pack<T>, e);
+            float e[vec_width<T>];
+            load_vec(y + static_cast<std::int64_t>(s) * d + v * vec_width<T>, e);
 #pragma unroll
-            for (int k = 0; k < pack<T>; ++k) acc[k] += p * e[k];
+            for (int k = 0; k < vec_width<T>; ++k) acc[k] += p * e[k];
         }
-        store_pack(out + r * d + v * pack<T>, acc);
+        store_vec(out + r * d + v * vec_width<T>, acc);
     }
 }
 
@@ -417,7 +355,7 @@ template <class T>
 __global__ void gather_grad_kernel(const T* d_out, const std::int32_t* perm, const float* prob, const T* y,
                                    T* dy_sorted, float* dgate, int d) {
     const std::int64_t s = blockIdx.x;
-    const int t = perm[s], vecs = d / pack<T>;
+    const int t = perm[s], vecs = d / vec_width<T>;
     T* dst = dy_sorted + s * d;
     if (t < 0) {  // uniform over the block: no thread reaches the block reduction
         for (int v = static_cast<int>(threadIdx.x); v < vecs; v += blockDim.x)
@@ -427,15 +365,15 @@ __global__ void gather_grad_kernel(const T* d_out, const std::int32_t* perm, con
     const float p = prob[t];
     float dot = 0.0f;
     for (int v = static_cast<int>(threadIdx.x); v < vecs; v += blockDim.x) {
-        float g[pack<T>], e[pack<T>];
-        load_pack(d_out + static_cast<std::int64_t>(t) * d + v * pack<T>, g);
-        load_pack(y + s * d + v * pack<T>, e);
+        float g[vec_width<T>], e[vec_width<T>];
+        load_vec(d_out + static_cast<std::int64_t>(t) * d + v * vec_width<T>, g);
+        load_vec(y + s * d + v * vec_width<T>, e);
 #pragma unroll
-        for (int k = 0; k < pack<T>; ++k) {
+        for (int k = 0; k < vec_width<T>; ++k) {
             dot += g[k] * e[k];
             g[k] *= p;
         }
-        store_pack(dst + v * pack<T>, g);
+        store_vec(dst + v * vec_width<T>, g);
     }
     dot = block_sum(dot);
     if (threadIdx.x == 0) dgate[t] = dot;
@@ -469,18 +407,18 @@ __global__ void input_grad_kernel(const T* dx_sorted, const std::int32_t* slot, 
         }
     }
     __syncthreads();
-    const int vecs = d / pack<T>;
+    const int vecs = d / vec_width<T>;
     for (int v = static_cast<int>(threadIdx.x); v < vecs; v += blockDim.x) {
-        float acc[pack<T>] = {};
-        if (s >= 0) load_pack(dx_sorted + static_cast<std::int64_t>(s) * d + v * pack<T>, acc);
+        float acc[vec_width<T>] = {};
+        if (s >= 0) load_vec(dx_sorted + static_cast<std::int64_t>(s) * d + v * vec_width<T>, acc);
         for (int j = 0; j < experts; ++j) {
-            float w[pack<T>];
-            load_pack(router + static_cast<std::int64_t>(j) * d + v * pack<T>, w);
+            float w[vec_width<T>];
+            load_vec(router + static_cast<std::int64_t>(j) * d + v * vec_width<T>, w);
             const float g = dlogits[j];
 #pragma unroll
-            for (int k = 0; k < pack<T>; ++k) acc[k] += g * w[k];
+            for (int k = 0; k < vec_width<T>; ++k) acc[k] += g * w[k];
         }
-        store_pack(dx + r * d + v * pack<T>, acc);
+        store_vec(dx + r * d + v * vec_width<T>, acc);
     }
 }
 
@@ -628,7 +566,7 @@ public:
                                                         s.segment.data(), n, e, static_cast<int>(capacity_),
                                                         s.slot.data(), s.perm.data());
         check_launch("switch assign", "[", N, "]");
-        const int row_vecs = static_cast<int>(d) / pack<T>;
+        const int row_vecs = static_cast<int>(d) / vec_width<T>;
         gather_rows_kernel<<<static_cast<int>(padded_), vector_threads(row_vecs), 0, stream_>>>(
             x, s.perm.data(), sorted_in_.data(), static_cast<int>(d));
         check_launch("switch gather", "[", padded_, ", ", d, "]");
@@ -637,9 +575,7 @@ public:
         void* const* lp = s.pointers.data();
         gemm_pointer_batched(true, c_.chunk_rows, 2 * F, d, sp, d, lp + 2 * chunks_, d, lp, 2 * F, dtype, compute_,
                              chunks_, stream_);
-        swiglu_rows_kernel<<<elementwise_blocks(padded_ * F / pack<T>), elementwise_threads, 0, stream_>>>(
-            s.hidden.data(), act_.data(), static_cast<int>(F), s.segment.data() + E);
-        check_launch("switch swiglu", "[", padded_, ", ", F, "]");
+        swiglu_forward_packed(s.hidden.data(), act_.data(), padded_, F, stream_, s.segment.data() + E);
         gemm_pointer_batched(true, c_.chunk_rows, d, F, sp + chunks_, F, lp + 3 * chunks_, F, lp + chunks_, d, dtype,
                              compute_, chunks_, stream_);
         combine_kernel<<<n, vector_threads(row_vecs), 0, stream_>>>(s.out.data(), s.slot.data(), s.prob.data(),
@@ -660,7 +596,7 @@ public:
               " has no forward to differentiate (or its backward already ran)");
         s.forwarded = false;
         const std::int64_t N = rows_, E = c_.experts, d = c_.d_model, F = c_.d_ff;
-        const int row_vecs = static_cast<int>(d) / pack<T>;
+        const int row_vecs = static_cast<int>(d) / vec_width<T>;
         gather_grad_kernel<<<static_cast<int>(padded_), vector_threads(row_vecs), 0, stream_>>>(
             d_out, s.perm.data(), s.prob.data(), s.out.data(), d_sorted_out_.data(), dgate_.data(),
             static_cast<int>(d));
@@ -670,9 +606,8 @@ public:
         // d act = dy W_down, [M, d] -> [M, F]; SwiGLU backward in place; dx_sorted = d(gate|up) W_{gate|up}, [M, 2F] -> [M, d]
         gemm_pointer_batched(false, c_.chunk_rows, F, d, sp + 2 * chunks_, d, lp + 3 * chunks_, F, sp + 3 * chunks_, F,
                              dtype, compute_, chunks_, stream_);
-        swiglu_rows_backward_kernel<<<elementwise_blocks(padded_ * F / pack<T>), elementwise_threads, 0, stream_>>>(
-            s.hidden.data(), d_act_.data(), static_cast<int>(F), s.segment.data() + E);
-        check_launch("switch swiglu backward", "[", padded_, ", ", F, "]");
+        swiglu_backward_packed(s.hidden.data(), d_act_.data(), s.hidden.data(), padded_, F, stream_,
+                               s.segment.data() + E);
         gemm_pointer_batched(false, c_.chunk_rows, d, 2 * F, lp, 2 * F, lp + 2 * chunks_, d, sp + 4 * chunks_, d, dtype,
                              compute_, chunks_, stream_);
         const float n = static_cast<float>(N);
