@@ -82,8 +82,9 @@ __global__ void backward_kernel(const T* x, const T* dy, T* dx, std::int64_t n) 
 template <bool Packed, int V, class T>
 __global__ void swiglu_forward_kernel(const T* gate, const T* up, T* y, std::int64_t n, std::int64_t width,
                                       const std::int32_t* rows_used) {
-    const std::int64_t units = (rows_used ? std::min<std::int64_t>(n, *rows_used * width) : n) / V,
-                       width_units = width / V;
+    // (a ternary, not std::min: that is a host function unless nvcc runs with --expt-relaxed-constexpr)
+    const std::int64_t used = rows_used ? *rows_used * width : n;
+    const std::int64_t units = (used < n ? used : n) / V, width_units = width / V;
     MOPT_CUDA_GRID_STRIDE(u, units) {
         const std::int64_t i = u * V;
         const std::int64_t j = Packed ? (u / width_units) * 2 * width + (u % width_units) * V : i;
@@ -99,8 +100,9 @@ __global__ void swiglu_forward_kernel(const T* gate, const T* up, T* y, std::int
 template <bool Packed, int V, class T>
 __global__ void swiglu_backward_kernel(const T* gate, const T* up, const T* dy, T* d_gate, T* d_up, std::int64_t n,
                                        std::int64_t width, const std::int32_t* rows_used) {
-    const std::int64_t units = (rows_used ? std::min<std::int64_t>(n, *rows_used * width) : n) / V,
-                       width_units = width / V;
+    // (a ternary, not std::min: that is a host function unless nvcc runs with --expt-relaxed-constexpr)
+    const std::int64_t used = rows_used ? *rows_used * width : n;
+    const std::int64_t units = (used < n ? used : n) / V, width_units = width / V;
     MOPT_CUDA_GRID_STRIDE(u, units) {
         const std::int64_t i = u * V;
         const std::int64_t j = Packed ? (u / width_units) * 2 * width + (u % width_units) * V : i;
