@@ -7,11 +7,13 @@
 //           b = shape a with a Switch feed-forward in every layer: 8 experts of FFN 3072, top-1,
 //               no capacity limit (no row dropped, as Hugging Face's Mixtral), aux loss not trained
 //           c = d 4096, 32 layers, 32 heads, FFN 11008, vocab 32000, batch 1 x 1024, K = 100 (7B)
+//           d = shape a with a Mixture of Prompts: 7 experts x 10 prompts (K = 70) injected at layer 3,
+//               gate MLP width 64; AdamW on the prompts and the gate (prompt/mixture_of_prompts.hpp)
 //
 // Build (sm_90, no CMake):
 //   nvcc -std=c++20 -O3 -arch=sm_90 -Xcompiler -march=x86-64-v4 --expt-relaxed-constexpr -Iinclude \
 //        benchmarks/cuda_prompt_step.cu -o .cache/bin/cuda/cuda_prompt_step -lcublas -lcublasLt
-// Run: .cache/bin/cuda/cuda_prompt_step [--shapes a,b,c] [--steps 20] [--warmup 3] [--peak-tflops 989]
+// Run: .cache/bin/cuda/cuda_prompt_step [--shapes a,b,c,d] [--steps 20] [--warmup 3] [--peak-tflops 989]
 //                                       [--chunk-rows 64]   (b: rows per expert GEMM problem, switch.cuh)
 //
 // Timing: CUDA events on the model's stream around `steps` back-to-back steps after `warmup` ones
@@ -23,20 +25,24 @@
 // cached blocks, CUDA context, cuBLAS workspaces). Switch shapes also print the rows each expert of
 // layer 0 got in the last forward and the busiest expert's load over the mean, over all layers.
 //
-// Model FLOPs (stated, not measured): with N = B·(K+T) positions, T text tokens per sequence,
-//   P_blk = L·(d·(H + 2·Hkv)·Dh + H·Dh·d + 3·d·F)          block matmul weights
-//           (+ d·E per Switch layer for its router: top-1 runs one expert's 3·d·F per token, the
+// Model FLOPs (stated, not measured): block ℓ runs over S_ℓ positions per sequence (S = K + T from
+// the injection layer L_int on, T below it; L_int = 0 for shapes a-c), N_ℓ = B·S_ℓ rows:
+//   P_ℓ   = d·(H + 2·Hkv)·Dh + H·Dh·d + 3·d·F            block ℓ's matmul weights
+//           (+ d·E for a Switch layer's router: top-1 runs one expert's 3·d·F per token, the
 //           FLOPs of the dense FFN; the padding rows of the expert GEMMs are not counted)
+//   attn_ℓ = 4·B·H·Dh·S_ℓ(S_ℓ+1)/2                       causal QKᵀ and PV
 //   head  = 2·B·T·d·V                                    logits of the text rows only
-//   attn  = 4·L·B·H·Dh·S(S+1)/2                          causal QKᵀ and PV, S = K + T
-//   forward FLOPs  = 2·N·P_blk + head + attn
-//   step FLOPs     = 2·(2·N·P_blk + head) + 3·attn        frozen weights: the backward is the dX half
-//                    (4·N·P_blk instead of training's 6·N·P_blk), attention backward = 2 x forward
+//   gate  = 2·B·(d·d_g + d_g·E)                          MoP's gate MLP (d only)
+//   forward FLOPs  = Σ_ℓ (2·N_ℓ·P_ℓ + attn_ℓ) + head + gate
+//   step FLOPs     = forward + Σ_{ℓ >= L_int} (2·N_ℓ·P_ℓ + 2·attn_ℓ) + head + 2·gate
+//                    frozen weights: the backward is the dX half (training would add 2·N·P for dW),
+//                    attention backward = 2 x forward, and it stops at L_int (nothing below is trained)
 //   mfu = FLOPs / time / peak (--peak-tflops: H100 SXM dense bf16 989; PCIe 756)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -80,7 +86,12 @@ BenchShape shape_by_name(const std::string& name) {
         c.d_model = 4096, c.n_layers = 32, c.n_heads = 32, c.n_kv_heads = 32, c.d_ff = 11008;
         return {name, c, {.batch = 1, .seq = 1024, .prompt_len = 100}};
     }
-    mopt::check(false, "cuda_prompt_step: unknown shape '", name, "' (a, b or c)");
+    if (name == "d") {
+        c.d_model = 768, c.n_layers = 12, c.n_heads = 12, c.n_kv_heads = 12, c.d_ff = 3072;
+        return {name, c,
+                {.batch = 8, .seq = 512, .prompt_len = 70, .inject_layer = 3, .experts = 7, .gate_dim = 64}};
+    }
+    mopt::check(false, "cuda_prompt_step: unknown shape '", name, "' (a, b, c or d)");
     return {};
 }
 
@@ -90,18 +101,24 @@ struct Flops {
 
 Flops model_flops(const BenchShape& s) {
     const mopt::nn::ModelConfig& c = s.config;
-    const double B = static_cast<double>(s.run.batch), T = static_cast<double>(s.run.seq);
-    const double S = static_cast<double>(s.run.positions()), N = B * S;
+    const cuda::LlamaRunShape& r = s.run;
+    const double B = static_cast<double>(r.batch), T = static_cast<double>(r.seq);
     const double d = static_cast<double>(c.d_model), H = static_cast<double>(c.n_heads),
                  Hkv = static_cast<double>(c.kv_heads()), Dh = static_cast<double>(c.head_dim()),
-                 F = static_cast<double>(c.d_ff), V = static_cast<double>(c.vocab_size), L = static_cast<double>(c.n_layers);
-    double switch_layers = 0;
-    for (std::int64_t l = 0; l < c.n_layers; ++l) switch_layers += c.has_experts(l) ? 1 : 0;
-    const double p_blk = L * (d * (H + 2 * Hkv) * Dh + H * Dh * d + 3 * d * F) +
-                         switch_layers * d * static_cast<double>(c.num_experts);  // routers
+                 F = static_cast<double>(c.d_ff), V = static_cast<double>(c.vocab_size);
     const double head = 2 * B * T * d * V;
-    const double attn = L * 4 * B * H * Dh * S * (S + 1) / 2;
-    return {2 * N * p_blk + head + attn, 2 * (2 * N * p_blk + head) + 3 * attn};
+    const double gate = 2 * B * static_cast<double>(r.gate_values(c.d_model));
+    Flops f{head + gate, head + 2 * gate};
+    for (std::int64_t l = 0; l < c.n_layers; ++l) {
+        const double S = static_cast<double>(r.positions_at(l)), N = B * S;
+        const double p = d * (H + 2 * Hkv) * Dh + H * Dh * d + 3 * d * F +
+                         (c.has_experts(l) ? d * static_cast<double>(c.num_experts) : 0.0);  // router
+        const double attn = 4 * B * H * Dh * S * (S + 1) / 2;
+        f.forward += 2 * N * p + attn;
+        if (l >= r.inject_layer) f.step += 2 * N * p + 2 * attn;
+    }
+    f.step += f.forward - head - gate;  // the step runs the forward too (its head and gate are counted above)
+    return f;
 }
 
 class Timer {
@@ -150,9 +167,17 @@ void run_shape(const BenchShape& s, int steps, int warmup, double peak_tflops, s
     for (std::int64_t b = 0; b < r.batch; ++b)
         for (std::int64_t t = 0; t < r.seq; ++t)
             targets[b * r.seq + t] = t + 1 < r.seq ? ids[b * r.seq + t + 1] : -100;
-    std::vector<float> prompt(static_cast<std::size_t>(r.prompt_len * s.config.d_model));
-    std::normal_distribution<float> init(0.0f, 0.02f);  // the scale of the model's token embeddings
-    for (float& v : prompt) v = init(rng);
+    // The trained block: the prompt rows at the scale of the model's token embeddings, then (MoP) the
+    // gate's W₁ [d_g, d] and W₂ [E, d_g] uniform ±1/√fan_in as prompt::Gate draws them.
+    const std::int64_t d = s.config.d_model, prompt_values = r.prompt_len * d;
+    std::vector<float> prompt(static_cast<std::size_t>(r.trainable_values(d)));
+    std::normal_distribution<float> init(0.0f, 0.02f);
+    for (std::int64_t i = 0; i < prompt_values; ++i) prompt[i] = init(rng);
+    for (std::int64_t i = prompt_values; i < static_cast<std::int64_t>(prompt.size()); ++i) {
+        const bool w1 = i < prompt_values + r.gate_dim * d;
+        const float a = 1.0f / std::sqrt(static_cast<float>(w1 ? d : r.gate_dim));
+        prompt[i] = std::uniform_real_distribution<float>(-a, a)(rng);
+    }
 
     alloc.reset_peak();
     const cuda::AdamWOptions adamw{.lr = 1e-3f, .weight_decay = 0.0f};
@@ -210,6 +235,9 @@ void run_shape(const BenchShape& s, int steps, int warmup, double peak_tflops, s
        << ", \"activation_peak_bytes\": " << st.peak_bytes << ", \"weight_bytes\": " << model.weight_bytes()
        << ", \"device_used_bytes\": " << device_used_bytes() << ", \"device_used_before_bytes\": " << used_before
        << ", \"loss\": " << loss << ", \"eval_loss\": " << eval_loss;
+    if (r.experts > 0)
+        os << ", \"mop_experts\": " << r.experts << ", \"mop_per_expert\": " << r.per_expert()
+           << ", \"inject_layer\": " << r.inject_layer << ", \"gate_dim\": " << r.gate_dim;
     if (s.config.num_experts > 0) {
         // The routing of the last (evaluation) forward: layer 0's rows per expert, drops, max / mean load.
         const std::vector<cuda::SwitchStats> routing = model.expert_stats();
@@ -256,7 +284,7 @@ int main(int argc, char** argv) {
         else if (a == "--peak-tflops") peak_tflops = std::atof(value().c_str());
         else if (a == "--chunk-rows") chunk_rows = std::atoll(value().c_str());
         else {
-            std::fprintf(stderr, "usage: cuda_prompt_step [--shapes a,b,c] [--steps 20] [--warmup 3] [--peak-tflops 989] "
+            std::fprintf(stderr, "usage: cuda_prompt_step [--shapes a,b,c,d] [--steps 20] [--warmup 3] [--peak-tflops 989] "
                                  "[--chunk-rows 64]\n");
             return 2;
         }

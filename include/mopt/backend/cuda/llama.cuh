@@ -38,6 +38,17 @@
 // adds LlamaOptions::aux_loss_weight × the layers' auxiliary losses to the objective (as
 // train::prompt_step's aux_loss_coef). expert_stats() reads the last forward's routing.
 //
+// Prompts at an intermediate layer (LlamaRunShape::inject_layer = L_int > 0: InjectedPrompt, and
+// MixtureOfPrompts with experts > 0), as the CPU's prompt policies run them: the blocks below L_int
+// see the rows [P¹; text] (P¹: MoP's frozen input prompt, often none) at positions K..S−1; at the
+// input of block L_int the K prompt rows are prepended (positions 0..K−1); the head reads the text
+// rows. A Mixture of Prompts (gate.cuh) computes its gate g [B, E] from the mean of block L_int's
+// input over its non-prompt rows and scales expert e's p rows by g[b, e] at the input of every block
+// from L_int on (keeping the unscaled rows for the backward). The backward walks down to L_int only:
+// nothing below it is trainable (d P, then d W₁, d W₂ through the gate). The trained values are one
+// f32 block, [P | W₁ | W₂] (LlamaRunShape::trainable_values), which the forward reads and the
+// backward writes. Switch layers below L_int route their own (fewer) rows: a second DeviceSwitchFFN.
+//
 // T = float or __nv_bfloat16 is the storage of weights and activations (chosen at construction);
 // norm weights, statistics, the prompt master copy and its gradient are f32; math is f32.
 #include <cuda_bf16.h>
@@ -59,6 +70,7 @@
 #include "mopt/backend/cuda/common.cuh"
 #include "mopt/backend/cuda/cross_entropy.cuh"
 #include "mopt/backend/cuda/device.cuh"
+#include "mopt/backend/cuda/gate.cuh"
 #include "mopt/backend/cuda/llama_weights.hpp"
 #include "mopt/backend/cuda/norm.cuh"
 #include "mopt/backend/cuda/rope.cuh"
@@ -67,15 +79,40 @@
 
 namespace mopt::backend::cuda {
 
-// The sizes of one step: B sequences of T text tokens, each after the K prompt rows.
+// The sizes of one step: B sequences of T text tokens, and the prompt rows around them.
+//
+// Prompts, as the CPU's prompt policies place them (positions: the CPU's, see the header):
+//   prompt_len = 0:                      the model alone;
+//   prompt_len = K, experts = 0:         K trainable rows prepended at the input of block
+//                                        inject_layer (SoftPrompt at 0, InjectedPrompt above);
+//   experts = E >= 1:                    a Mixture of Prompts: the K = E·p rows are E experts' groups
+//                                        of p, scaled per sequence by a gate MLP of width gate_dim
+//                                        at the input of every block >= inject_layer, after
+//                                        input_prompt frozen rows P¹ prepended at the embeddings.
 struct LlamaRunShape {
-    std::int64_t batch = 1;       // B
-    std::int64_t seq = 0;         // T: text tokens per sequence (ids and targets are [B, T])
-    std::int64_t prompt_len = 0;  // K: prompt rows before the text (0: the model alone)
+    std::int64_t batch = 1;         // B
+    std::int64_t seq = 0;           // T: text tokens per sequence (ids and targets are [B, T])
+    std::int64_t prompt_len = 0;    // K: trainable prompt rows (0: the model alone)
+    std::int64_t inject_layer = 0;  // L_int: the block whose input the K rows join (0: the embeddings)
+    std::int64_t experts = 0;       // MoP: E expert groups of K / E rows, gated (0: a plain prompt)
+    std::int64_t gate_dim = 0;      // MoP: d_g of the gate MLP
+    std::int64_t input_prompt = 0;  // MoP: p₁ frozen input-prompt rows (DeviceLlama::set_input_prompt)
 
-    [[nodiscard]] std::int64_t positions() const { return prompt_len + seq; }  // S = K + T
+    [[nodiscard]] std::int64_t positions() const { return prompt_len + input_prompt + seq; }  // S = K + p₁ + T
+    [[nodiscard]] std::int64_t lower_positions() const { return input_prompt + seq; }  // blocks < L_int
+    [[nodiscard]] std::int64_t positions_at(std::int64_t layer) const {
+        return layer < inject_layer ? lower_positions() : positions();
+    }
     [[nodiscard]] std::int64_t rows() const { return batch * positions(); }   // N = B·S
+    [[nodiscard]] std::int64_t rows_at(std::int64_t layer) const { return batch * positions_at(layer); }
     [[nodiscard]] std::int64_t text_rows() const { return batch * seq; }      // B·T
+    [[nodiscard]] std::int64_t text_offset() const { return prompt_len + input_prompt; }  // first text position
+    [[nodiscard]] std::int64_t per_expert() const { return experts > 0 ? prompt_len / experts : 0; }
+    // The trained values, one f32 block: [prompt K·d | gate.w1 d_g·d | gate.w2 E·d_g] (MoP: the gate's too).
+    [[nodiscard]] std::int64_t gate_values(std::int64_t d) const {
+        return experts > 0 ? gate_dim * d + experts * gate_dim : 0;
+    }
+    [[nodiscard]] std::int64_t trainable_values(std::int64_t d) const { return prompt_len * d + gate_values(d); }
     friend bool operator==(const LlamaRunShape&, const LlamaRunShape&) = default;
 };
 
@@ -96,18 +133,35 @@ namespace llama_detail {
     for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < (n); \
          i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
 
-// x₀[b, s] = P[s] for s < K, else E[ids[b, s − K]] (soft_prompt.hpp's prepend).
-// ids: i32 [B, T], table: [vocab, d], prompt: f32 [K, d] -> x: [B, K + T, d]
+// x₀[b, s] = first[s] for s < A, second[s − A] for A <= s < A + A₂, else E[ids[b, s − A − A₂]]: the
+// prompt rows the embeddings start with (SoftPrompt: P; MoP at L_int = 0: P, P¹; MoP above: P¹).
+// ids: i32 [B, T], table: [vocab, d], first: f32 [A, d], second: f32 [A₂, d] -> x: [B, A + A₂ + T, d]
 template <class T>
-__global__ void embed_with_prompt_kernel(const std::int32_t* ids, const T* table, const float* prompt, T* x,
-                                         std::int64_t rows, int seq, int prompt_len, int d) {
-    const int positions = seq + prompt_len;
+__global__ void embed_with_prompt_kernel(const std::int32_t* ids, const T* table, const float* first,
+                                         int first_rows, const float* second, int second_rows, T* x,
+                                         std::int64_t rows, int seq, int d) {
+    const int prefix = first_rows + second_rows, positions = seq + prefix;
+    MOPT_LLAMA_GRID_STRIDE(e, rows * d) {
+        const std::int64_t r = e / d;
+        const int j = static_cast<int>(e % d), s = static_cast<int>(r % positions);
+        const std::int64_t b = r / positions;
+        x[e] = s < first_rows ? from_f32<T>(first[static_cast<std::int64_t>(s) * d + j])
+               : s < prefix   ? from_f32<T>(second[static_cast<std::int64_t>(s - first_rows) * d + j])
+                              : table[static_cast<std::int64_t>(ids[b * seq + (s - prefix)]) * d + j];
+    }
+}
+
+// The input of block L_int > 0: the K prompt rows before the rows the blocks below produced
+// (InjectedPrompt's and MoP's prepend). prompt: f32 [K, d], lower: [B, S − K, d] -> x: [B, S, d]
+template <class T>
+__global__ void inject_prompt_kernel(const float* prompt, const T* lower, T* x, std::int64_t rows, int positions,
+                                     int prompt_len, int d) {
     MOPT_LLAMA_GRID_STRIDE(e, rows * d) {
         const std::int64_t r = e / d;
         const int j = static_cast<int>(e % d), s = static_cast<int>(r % positions);
         const std::int64_t b = r / positions;
         x[e] = s < prompt_len ? from_f32<T>(prompt[static_cast<std::int64_t>(s) * d + j])
-                              : table[static_cast<std::int64_t>(ids[b * seq + (s - prompt_len)]) * d + j];
+                              : lower[(b * (positions - prompt_len) + (s - prompt_len)) * d + j];
     }
 }
 
@@ -316,9 +370,20 @@ public:
         check(s.batch >= 1 && s.seq >= 1 && s.prompt_len >= 0, "DeviceLlama::reserve: batch ", s.batch, " and seq ",
               s.seq, " must be >= 1 and prompt_len ", s.prompt_len, " >= 0");
         check(s.positions() <= config_.max_seq, "DeviceLlama::reserve: positions up to ", s.positions(), " (",
-              s.prompt_len, " prompt + ", s.seq, " text) exceed the model's context max_seq = ", config_.max_seq);
+              s.prompt_len, " prompt + ", s.input_prompt, " input prompt + ", s.seq,
+              " text) exceed the model's context max_seq = ", config_.max_seq);
         check(s.rows() <= INT_MAX && s.text_rows() * config_.vocab_size <= (std::int64_t{1} << 40),
               "DeviceLlama::reserve: ", s.batch, " x ", s.positions(), " rows are too many for one step");
+        check(s.inject_layer >= 0 && s.inject_layer < config_.n_layers, "DeviceLlama::reserve: inject_layer L_int = ",
+              s.inject_layer, " must lie in [0, n_layers = ", config_.n_layers, ")");
+        check(s.prompt_len > 0 || (s.inject_layer == 0 && s.experts == 0 && s.input_prompt == 0),
+              "DeviceLlama::reserve: inject_layer, experts and input_prompt need prompt rows (prompt_len = 0)");
+        check(s.experts >= 0 && s.input_prompt >= 0 && (s.experts > 0 || s.input_prompt == 0),
+              "DeviceLlama::reserve: experts = ", s.experts, " and input_prompt = ", s.input_prompt,
+              " must be >= 0, and an input prompt belongs to a Mixture of Prompts (experts >= 1)");
+        check(s.experts == 0 || (s.prompt_len % s.experts == 0 && s.gate_dim >= 1),
+              "DeviceLlama::reserve: a Mixture of Prompts needs prompt_len K = ", s.prompt_len,
+              " divisible by experts E = ", s.experts, " and gate_dim >= 1 (got ", s.gate_dim, ")");
         if (s == shape_ && acts_.reserved) return;
         check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::reserve)");
         acts_ = Activations{};
@@ -326,11 +391,13 @@ public:
         const std::int64_t N = s.rows(), d = config_.d_model, F = config_.d_ff, V = config_.vocab_size;
         const std::int64_t q = config_.n_heads * config_.head_dim(), kv = config_.kv_heads() * config_.head_dim();
         const std::int64_t stats = s.batch * config_.n_heads * s.positions();
+        const std::int64_t L = s.inject_layer;
         auto array = [&](auto tag, std::int64_t n) {
             return DeviceArray<decltype(tag)>(static_cast<std::size_t>(n), stream_);
         };
         Activations& a = acts_;
         for (std::int64_t l = 0; l <= config_.n_layers; ++l) a.residual.push_back(array(T{}, N * d));
+        if (L > 0) a.injected = array(T{}, N * d);
         for (std::int64_t l = 0; l < config_.n_layers; ++l) {
             LayerActivations& la = a.layer.emplace_back();
             la.x_mid = array(T{}, N * d);
@@ -340,10 +407,14 @@ public:
             la.rstd_attn = array(float{}, N);
             la.rstd_ffn = array(float{}, N);
             if (!config_.has_experts(l)) la.gate_up = array(T{}, N * 2 * F);  // Switch layers: in a.experts
+            if (s.experts > 0 && l >= L) la.prompt_in = array(T{}, s.batch * s.prompt_len * d);
         }
-        if (config_.num_experts > 0)
-            a.experts = DeviceSwitchFFN<T>(SwitchConfig::of(config_, opt_.expert_chunk_rows), N,
-                                           config_.n_layers / config_.expert_interval, compute(), stream_);
+        if (config_.num_experts > 0) {  // Switch layers from L_int on route N rows, those below fewer
+            const SwitchConfig sc = SwitchConfig::of(config_, opt_.expert_chunk_rows);
+            const std::int64_t lower = lower_switch_layers(), upper = config_.n_layers / config_.expert_interval - lower;
+            if (upper > 0) a.experts = DeviceSwitchFFN<T>(sc, N, upper, compute(), stream_);
+            if (lower > 0) a.experts_lower = DeviceSwitchFFN<T>(sc, s.rows_at(0), lower, compute(), stream_);
+        }
         a.normed = array(T{}, N * d);
         const bool dense_ffn = config_.num_experts == 0 || config_.expert_interval > 1;  // any dense layer
         a.ffn_hidden = array(T{}, dense_ffn ? N * F : 0);
@@ -363,10 +434,52 @@ public:
         a.d_final_normed = array(T{}, N * d);
         a.d_final_normed.zero(stream_);  // its prompt rows stay 0: the loss does not read them
         rope_table(a.rope.data(), s.positions(), config_.head_dim(), config_.rope_theta, 0, stream_);
+        if (L > 0) {  // the blocks below L_int: positions K..S−1
+            a.rope_lower = array(float{}, s.lower_positions() * config_.head_dim());
+            rope_table(a.rope_lower.data(), s.lower_positions(), config_.head_dim(), config_.rope_theta, s.prompt_len,
+                       stream_);
+        }
+        if (s.experts > 0) {
+            a.input_prompt = array(float{}, s.input_prompt * d);
+            a.input_prompt.zero(stream_);
+            a.gate_avg = array(float{}, s.batch * d);
+            a.gate_hidden = array(float{}, s.batch * s.gate_dim);
+            a.gate_logits = array(float{}, s.batch * s.experts);
+            a.gate = array(float{}, s.batch * s.experts);
+            a.d_gate = array(float{}, s.batch * s.experts);
+        }
         for (auto& slot : a.staging) slot = llama_detail::PinnedArray<std::int32_t>(2 * s.text_rows());
         a.reserved = true;
         ++generation_;
         check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::reserve)");
+    }
+
+    // MoP: the frozen input prompt P¹, host f32 [p₁, d] (zeros until set). After reserve().
+    void set_input_prompt(std::span<const float> p1) {
+        check(acts_.reserved && shape_.input_prompt > 0,
+              "DeviceLlama::set_input_prompt: the reserved shape has no input prompt (input_prompt = ",
+              shape_.input_prompt, ")");
+        check(static_cast<std::int64_t>(p1.size()) == shape_.input_prompt * config_.d_model,
+              "DeviceLlama::set_input_prompt: ", p1.size(), " values for an input prompt of [", shape_.input_prompt,
+              ", ", config_.d_model, "]");
+        check_cuda(cudaMemcpyAsync(acts_.input_prompt.data(), p1.data(), p1.size() * sizeof(float),
+                                   cudaMemcpyHostToDevice, stream_),
+                   "cudaMemcpyAsync (DeviceLlama::set_input_prompt)");
+        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::set_input_prompt)");
+    }
+    // MoP: keep the k largest gate values (renormalised) in logits and loss forwards, as the CPU's
+    // set_top_k with gradients off; train forwards keep the dense gate. 0: dense.
+    void set_gate_top_k(std::int64_t k) {
+        check(k >= 0, "DeviceLlama::set_gate_top_k: k = ", k, " must be >= 0");
+        gate_top_k_ = k;
+    }
+    // MoP: the gate g [B, E] of the last forward (top-k applied where it was), host copy (synchronises).
+    [[nodiscard]] std::vector<float> gate_host() const {
+        check(acts_.reserved && shape_.experts > 0, "DeviceLlama::gate_host: the reserved shape has no gate");
+        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::gate_host)");
+        std::vector<float> out(acts_.gate.size());
+        acts_.gate.download(out);
+        return out;
     }
 
     // Uploads a batch: ids i32 [B, T] in [0, vocab) and targets i32 [B, T] (next tokens, −100 =
@@ -403,59 +516,78 @@ public:
     }
 
     // The whole forward of the uploaded batch, enqueued on stream() (no host synchronisation).
-    // prompt: device f32 [K, d] (nullptr when K = 0).
-    void enqueue_forward(const float* prompt, ForwardMode mode) {
+    // params: device f32 [trainable_values(d)] = [P | W₁ | W₂] (nullptr when K = 0).
+    void enqueue_forward(const float* params, ForwardMode mode) {
         check(acts_.reserved, "DeviceLlama::forward: call reserve(shape) first");
-        check(shape_.prompt_len == 0 || prompt != nullptr, "DeviceLlama::forward: the reserved shape has ",
+        check(shape_.prompt_len == 0 || params != nullptr, "DeviceLlama::forward: the reserved shape has ",
               shape_.prompt_len, " prompt rows but the prompt pointer is null");
+        check(gate_top_k_ <= shape_.experts || shape_.experts == 0, "DeviceLlama::forward: gate top-k = ", gate_top_k_,
+              " exceeds the ", shape_.experts, " experts");
         Activations& a = acts_;
-        const std::int64_t B = shape_.batch, S = shape_.positions(), text = shape_.seq, K = shape_.prompt_len;
+        const std::int64_t B = shape_.batch, text = shape_.seq, K = shape_.prompt_len, L = shape_.inject_layer;
         const std::int64_t N = shape_.rows(), d = config_.d_model, F = config_.d_ff, V = config_.vocab_size;
         const std::int64_t H = config_.n_heads, Hkv = config_.kv_heads(), Dh = config_.head_dim();
         const float eps = config_.norm_eps;
+        const float* prompt = params;
+        last_params_ = params;
 
-        // x₀ = [P; E[ids]]: [B, S, d]
-        llama_detail::embed_with_prompt_kernel<<<elementwise_blocks(N * d), elementwise_threads, 0, stream_>>>(
-            a.tokens.data(), embed_tokens_.data(), prompt, a.residual[0].data(), N, static_cast<int>(text),
-            static_cast<int>(K), static_cast<int>(d));
-        check_launch("DeviceLlama embed", "[", B, ", ", S, ", ", d, "]");
+        // x₀: [P; P¹; E[ids]] when L_int = 0, else [P¹; E[ids]] (P joins at block L_int)
+        const std::int64_t N0 = shape_.rows_at(0);
+        const float* first = L == 0 ? prompt : a.input_prompt.data();
+        const std::int64_t first_rows = L == 0 ? K : shape_.input_prompt, second_rows = L == 0 ? shape_.input_prompt : 0;
+        llama_detail::embed_with_prompt_kernel<<<elementwise_blocks(N0 * d), elementwise_threads, 0, stream_>>>(
+            a.tokens.data(), embed_tokens_.data(), first, static_cast<int>(first_rows), a.input_prompt.data(),
+            static_cast<int>(second_rows), a.residual[0].data(), N0, static_cast<int>(text), static_cast<int>(d));
+        check_launch("DeviceLlama embed", "[", B, ", ", shape_.positions_at(0), ", ", d, "]");
 
-        const AttentionShape attn{.batch = B, .seq_q = S, .seq_k = S, .heads = H, .kv_heads = Hkv, .head_dim = Dh};
-        const AttentionOptions attn_opt{.causal = true, .prefix = 0, .scale = 0.0f, .kernel = opt_.attention};
         for (std::size_t l = 0; l < layers_.size(); ++l) {
+            const auto layer = static_cast<std::int64_t>(l);
             const LayerWeights& w = layers_[l];
             LayerActivations& la = a.layer[l];
-            T* x = a.residual[l].data();
+            const std::int64_t rows = shape_.rows_at(layer), S = shape_.positions_at(layer);
+            if (layer == L && L > 0) {  // the prompt joins: [P; rows below]
+                llama_detail::inject_prompt_kernel<<<elementwise_blocks(N * d), elementwise_threads, 0, stream_>>>(
+                    prompt, a.residual[l].data(), a.injected.data(), N, static_cast<int>(S), static_cast<int>(K),
+                    static_cast<int>(d));
+                check_launch("DeviceLlama inject prompt", "[", B, ", ", S, ", ", d, "]");
+            }
+            T* x = block_input(layer);
+            if (shape_.experts > 0 && layer >= L) {  // MoP: the gate at L_int, the experts' rows scaled from there on
+                if (layer == L) gate_forward_step(x, params + K * d, mode);
+                scale_prompt_rows(x, la.prompt_in.data(), a.gate.data(), gate_shape(), S, stream_);
+            }
             // Attention half: x_mid = x + o_proj(attn(rope(q), rope(k), v)), q|k|v = norm(x) W{q,k,v}ᵀ
-            rms_norm_forward(x, w.attn_norm.data(), a.normed.data(), la.rstd_attn.data(), N, d, eps, stream_);
-            const Qkv<T> qkv = split_qkv(la.qkv.data());
-            project_qkv(a.normed.data(), w.qkv_proj.data(), qkv);  // [N, d] -> q [B, S, H, Dh], k, v [B, S, Hkv, Dh]
-            rope_qk(qkv, false);
+            rms_norm_forward(x, w.attn_norm.data(), a.normed.data(), la.rstd_attn.data(), rows, d, eps, stream_);
+            const Qkv<T> qkv = split_qkv(la.qkv.data(), rows);
+            project_qkv(a.normed.data(), w.qkv_proj.data(), qkv, rows);  // [rows, d] -> q [B, S, H, Dh], k, v [B, S, Hkv, Dh]
+            rope_qk(qkv, false, layer);
+            const AttentionShape attn{.batch = B, .seq_q = S, .seq_k = S, .heads = H, .kv_heads = Hkv, .head_dim = Dh};
             attention_forward<T>({.q = qkv.q, .k = qkv.k, .v = qkv.v, .out = la.attn_out.data(), .lse = la.lse.data()},
-                                 attn, attn_opt, stream_);
-            copy(la.x_mid.data(), x, N * d);
-            linear(la.attn_out.data(), w.o_proj.data(), la.x_mid.data(), N, H * Dh, d, 1.0f);  // x_mid += o Woᵀ
+                                 attn, attention_options(), stream_);
+            copy(la.x_mid.data(), x, rows * d);
+            linear(la.attn_out.data(), w.o_proj.data(), la.x_mid.data(), rows, H * Dh, d, 1.0f);  // x_mid += o Woᵀ
             // Feed-forward half: x' = x_mid + down(silu(gate) ⊙ up), gate|up = norm(x_mid) W{gate,up}ᵀ
-            rms_norm_forward(la.x_mid.data(), w.ffn_norm.data(), a.normed.data(), la.rstd_ffn.data(), N, d, eps,
+            rms_norm_forward(la.x_mid.data(), w.ffn_norm.data(), a.normed.data(), la.rstd_ffn.data(), rows, d, eps,
                              stream_);
             if (w.experts.routed()) {  // Switch layer: x' = x_mid + p·E_i(norm(x_mid))
-                a.experts.forward(w.experts.index, w.experts.view(), a.normed.data(), la.x_mid.data(),
-                                  a.residual[l + 1].data());
+                switch_of(layer).forward(switch_index(layer), w.experts.view(), a.normed.data(), la.x_mid.data(),
+                                         a.residual[l + 1].data());
                 continue;
             }
-            linear(a.normed.data(), w.gate_up_proj.data(), la.gate_up.data(), N, d, 2 * F);  // [N, d] -> [N, 2F]
-            swiglu_forward_packed(la.gate_up.data(), a.ffn_hidden.data(), N, F, stream_);
+            linear(a.normed.data(), w.gate_up_proj.data(), la.gate_up.data(), rows, d, 2 * F);  // [rows, d] -> [rows, 2F]
+            swiglu_forward_packed(la.gate_up.data(), a.ffn_hidden.data(), rows, F, stream_);
             T* x_next = a.residual[l + 1].data();
-            copy(x_next, la.x_mid.data(), N * d);
-            linear(a.ffn_hidden.data(), w.down_proj.data(), x_next, N, F, d, 1.0f);  // x' += h Wdownᵀ
+            copy(x_next, la.x_mid.data(), rows * d);
+            linear(a.ffn_hidden.data(), w.down_proj.data(), x_next, rows, F, d, 1.0f);  // x' += h Wdownᵀ
         }
 
         // Final norm (all rows; only the text rows reach the head) and the head on the text rows:
-        // logits[b] = norm(x_L)[b, K:S] Wᵀ, [T, d] -> [T, V] per sequence
+        // logits[b] = norm(x_L)[b, K + p₁:S] Wᵀ, [T, d] -> [T, V] per sequence
+        const std::int64_t S = shape_.positions();
         rms_norm_forward(a.residual[layers_.size()].data(), final_norm_.data(), a.final_normed.data(),
                          a.rstd_final.data(), N, d, eps, stream_);
-        gemm_strided_batched(head_args(false, text, V, d, a.final_normed.data() + K * d, d, head_weight(), d,
-                                       a.logits.data(), V),
+        gemm_strided_batched(head_args(false, text, V, d, a.final_normed.data() + shape_.text_offset() * d, d,
+                                       head_weight(), d, a.logits.data(), V),
                              {.count = B, .stride_a = S * d, .stride_b = 0, .stride_c = text * V});
         if (mode != ForwardMode::logits)
             cross_entropy(a.logits.data(), a.tokens.data() + shape_.text_rows(), a.loss.data(), shape_.text_rows(), V,
@@ -465,15 +597,15 @@ public:
         saved_for_backward_ = mode == ForwardMode::train;
     }
 
-    // d loss / d P of the last train-mode forward, enqueued on stream(): dprompt: device f32 [K, d],
-    // overwritten. Consumes what the forward saved (the gate and up buffers become their gradients),
-    // so each train forward allows one backward.
-    void enqueue_backward_to_prompt(float* dprompt) {
+    // d loss / d [P | W₁ | W₂] of the last train-mode forward, enqueued on stream(): dparams: device
+    // f32 [trainable_values(d)], overwritten. Consumes what the forward saved (the gate and up buffers
+    // become their gradients), so each train forward allows one backward.
+    void enqueue_backward_to_prompt(float* dparams) {
         check(saved_for_backward_, "DeviceLlama::backward_to_prompt: needs a ForwardMode::train forward first (",
               last_mode_ == ForwardMode::train ? "its saved activations were used by an earlier backward"
                                                : "the last forward did not save activations",
               ")");
-        check(shape_.prompt_len > 0 && dprompt != nullptr,
+        check(shape_.prompt_len > 0 && dparams != nullptr,
               "DeviceLlama::backward_to_prompt: the reserved shape has no prompt rows (K = ", shape_.prompt_len,
               ") or dprompt is null");
         saved_for_backward_ = false;
@@ -481,23 +613,25 @@ public:
         const std::int64_t B = shape_.batch, S = shape_.positions(), text = shape_.seq, K = shape_.prompt_len;
         const std::int64_t N = shape_.rows(), d = config_.d_model, F = config_.d_ff, V = config_.vocab_size;
         const std::int64_t H = config_.n_heads, Hkv = config_.kv_heads(), Dh = config_.head_dim();
+        const std::int64_t L = shape_.inject_layer, last = config_.n_layers - 1;
 
-        // Head: d norm(x_L)[b, K:S] = dlogits[b] W, [T, V] -> [T, d] (the prompt rows stay 0)
+        // Head: d norm(x_L)[b, K + p₁:S] = dlogits[b] W, [T, V] -> [T, d] (the other rows stay 0)
         gemm_strided_batched(head_args(true, text, d, V, a.logits.data(), V, head_weight(), d,
-                                       a.d_final_normed.data() + K * d, d),
+                                       a.d_final_normed.data() + shape_.text_offset() * d, d),
                              {.count = B, .stride_a = text * V, .stride_b = 0, .stride_c = S * d});
-        T* dx = a.d_residual.data();  // d loss / d x, the residual stream's gradient, from x_L down to x₀
+        T* dx = a.d_residual.data();  // d loss / d x, the residual stream's gradient, from x_L down to block L_int's input
         rms_norm_backward(a.residual[layers_.size()].data(), final_norm_.data(), a.rstd_final.data(),
                           a.d_final_normed.data(), dx, nullptr, N, d, stream_);
 
         const AttentionShape attn{.batch = B, .seq_q = S, .seq_k = S, .heads = H, .kv_heads = Hkv, .head_dim = Dh};
-        const AttentionOptions attn_opt{.causal = true, .prefix = 0, .scale = 0.0f, .kernel = opt_.attention};
-        for (std::size_t l = layers_.size(); l-- > 0;) {
+        for (std::int64_t layer = last; layer >= L; --layer) {  // nothing below L_int is trainable
+            const auto l = static_cast<std::size_t>(layer);
             const LayerWeights& w = layers_[l];
             LayerActivations& la = a.layer[l];
             // Feed-forward half, x' = x_mid + down(swiglu(gate, up)): dx_mid = dx' + normᵀ(d gate Wg + d up Wu)
             if (w.experts.routed()) {  // Switch layer: d norm(x_mid) through the experts and the router
-                a.experts.backward(w.experts.index, w.experts.view(), dx, a.d_normed.data(), opt_.aux_loss_weight);
+                switch_of(layer).backward(switch_index(layer), w.experts.view(), dx, a.d_normed.data(),
+                                          opt_.aux_loss_weight);
             } else {
                 linear_dgrad(dx, w.down_proj.data(), a.d_ffn_hidden.data(), N, F, d);  // [N, d] -> [N, F]
                 // in place: gate_up now holds d gate | d up, and one GEMM against [Wg; Wu] gives d norm
@@ -508,25 +642,34 @@ public:
                                          N, d, stream_);
             // Attention half, x_mid = x + o_proj(attn): dx = dx_mid + normᵀ(dq Wq + dk Wk + dv Wv)
             linear_dgrad(dx, w.o_proj.data(), a.d_attn_out.data(), N, H * Dh, d);  // [N, d] -> [B, S, H, Dh]
-            const Qkv<T> qkv = split_qkv(la.qkv.data());
-            const Qkv<T> dqkv = split_qkv(a.dqkv.data());
+            const Qkv<T> qkv = split_qkv(la.qkv.data(), N);
+            const Qkv<T> dqkv = split_qkv(a.dqkv.data(), N);
             attention_backward<T>({.q = qkv.q, .k = qkv.k, .v = qkv.v, .out = la.attn_out.data(),
                                    .grad_out = a.d_attn_out.data(), .lse = la.lse.data(), .delta = a.delta.data(),
                                    .dq = dqkv.q, .dk = dqkv.k, .dv = dqkv.v},
-                                  attn, attn_opt, stream_);
-            rope_qk(dqkv, true);
+                                  attn, attention_options(), stream_);
+            rope_qk(dqkv, true, layer);
             const T* wqkv = w.qkv_proj.data();
             const std::int64_t q = H * Dh, kv = Hkv * Dh;
             linear_dgrad(dqkv.q, wqkv, a.d_normed.data(), N, d, q);  // [N, H·Dh] -> [N, d]
             linear_dgrad(dqkv.k, wqkv + q * d, a.d_normed.data(), N, d, kv, 1.0f);
             linear_dgrad(dqkv.v, wqkv + (q + kv) * d, a.d_normed.data(), N, d, kv, 1.0f);
-            rms_norm_backward_accumulate(a.residual[l].data(), w.attn_norm.data(), la.rstd_attn.data(),
+            rms_norm_backward_accumulate(block_input(layer), w.attn_norm.data(), la.rstd_attn.data(),
                                          a.d_normed.data(), dx, N, d, stream_);
+            // MoP: through the scaling of the experts' rows at this block's input (dg summed over the blocks)
+            if (shape_.experts > 0)
+                scale_prompt_rows_backward(dx, la.prompt_in.data(), a.gate.data(), a.d_gate.data(), layer != last,
+                                           gate_shape(), S, stream_);
         }
-        // dP = Σ_b dx₀[b, 0:K]
+        // dP = Σ_b dx[b, 0:K] at block L_int's input
         llama_detail::prompt_gradient_kernel<<<elementwise_blocks(K * d), elementwise_threads, 0, stream_>>>(
-            dx, dprompt, static_cast<int>(B), S * d, K * d);
+            dx, dparams, static_cast<int>(B), S * d, K * d);
         check_launch("DeviceLlama prompt gradient", "[", K, ", ", d, "]");
+        if (shape_.experts > 0) {  // d W₁, d W₂ from d g
+            const float* w2 = last_params_ + K * d + shape_.gate_dim * d;
+            gate_backward(a.gate_avg.data(), a.gate_hidden.data(), a.gate.data(), a.d_gate.data(), w2, dparams + K * d,
+                          dparams + K * d + shape_.gate_dim * d, gate_shape(), stream_);
+        }
     }
 
     // Blocking conveniences (tests, evaluation loops) over the enqueue_* calls.
@@ -561,7 +704,11 @@ public:
     [[nodiscard]] const float* loss_device() const { return acts_.loss.data(); }
     // Switch models: each Switch layer's routing in the last forward (synchronises; empty when dense).
     [[nodiscard]] std::vector<SwitchStats> expert_stats() const {
-        return acts_.experts.reserved() ? acts_.experts.stats() : std::vector<SwitchStats>{};
+        std::vector<SwitchStats> all;
+        for (const DeviceSwitchFFN<T>* e : {&acts_.experts_lower, &acts_.experts})  // in layer order
+            if (e->reserved())
+                for (SwitchStats& st : e->stats()) all.push_back(std::move(st));
+        return all;
     }
     // Switch models: Σ layers' aux_loss_coef·balance + z_loss_coef·z of the last forward, the CPU's
     // ForwardOutput::aux_loss (synchronises; 0 when dense).
@@ -599,10 +746,12 @@ private:
         DeviceArray<float> lse;                   // [B, H, S] attention row logsumexp
         DeviceArray<float> rstd_attn, rstd_ffn;   // [N] 1/rms of the norms' inputs
         DeviceArray<T> gate_up;                   // [N, 2F] gate | up per row (their gradients after the backward)
+        DeviceArray<T> prompt_in;                 // MoP, blocks >= L_int: [B, K, d] the prompt rows before scaling
     };
     struct Activations {
         bool reserved = false;
         std::vector<DeviceArray<T>> residual;     // L + 1 of [N, d]: residual[l] is block l's input
+        DeviceArray<T> injected;                  // [N, d] block L_int's input when L_int > 0 (block_input)
         std::vector<LayerActivations> layer;
         DeviceArray<T> normed, ffn_hidden;        // scratch [N, d], [N, F]: a norm's output, silu(gate) ⊙ up
         DeviceArray<T> final_normed;              // [N, d]
@@ -610,6 +759,11 @@ private:
         DeviceArray<T> logits;                    // [B, T, V] (train: overwritten by d loss / d logits)
         DeviceArray<float> row_loss, loss;        // [B·T], [1]
         DeviceArray<float> rope;                  // [2, S, Dh/2] cos, sin of positions 0..S−1
+        DeviceArray<float> rope_lower;            // L_int > 0: [2, S − K, Dh/2] of positions K..S−1
+        DeviceArray<float> input_prompt;          // MoP: f32 [p₁, d] frozen P¹
+        DeviceArray<float> gate_avg, gate_hidden; // MoP: f32 [B, d] mean of block L_int's input, [B, d_g] ReLU
+        DeviceArray<float> gate_logits, gate;     // MoP: f32 [B, E] z and g
+        DeviceArray<float> d_gate;                // MoP: f32 [B, E] d loss / d g
         DeviceArray<std::int32_t> tokens;         // [2, B, T]: ids, then targets
         DeviceArray<T> d_residual;                // [N, d] d loss / d x as the backward walks down
         DeviceArray<T> d_normed;                  // [N, d] a norm's output gradient
@@ -618,7 +772,8 @@ private:
         DeviceArray<T> dqkv;                      // dq, dk, dv planar as qkv
         DeviceArray<float> delta;                 // [B, H, S] attention backward scratch
         DeviceArray<T> d_final_normed;            // [N, d], prompt rows 0
-        DeviceSwitchFFN<T> experts;               // Switch layers: their saved routing and scratch
+        DeviceSwitchFFN<T> experts;               // Switch layers >= L_int: their saved routing and scratch
+        DeviceSwitchFFN<T> experts_lower;         // Switch layers < L_int (fewer rows)
         llama_detail::PinnedArray<std::int32_t> staging[2];  // host [2, B, T] upload slots
     };
 
@@ -674,43 +829,80 @@ private:
               .lda = out, .b = w, .ldb = in, .c = dx, .ldc = in, .ab_type = dtype, .c_type = dtype,
               .compute = compute(), .stream = stream_});
     }
-    // q, k, v planes of a [N, H·Dh + 2·Hkv·Dh] planar buffer (q's plane, then k's, then v's).
+    // q, k, v planes of a [rows, H·Dh + 2·Hkv·Dh] planar buffer (q's plane, then k's, then v's).
     template <class V>
     struct Qkv {
         V *q, *k, *v;
     };
     template <class V>
-    [[nodiscard]] Qkv<V> split_qkv(V* base) const {
-        const std::int64_t N = shape_.rows(), q = config_.n_heads * config_.head_dim(),
-                           kv = config_.kv_heads() * config_.head_dim();
-        return {base, base + N * q, base + N * (q + kv)};
+    [[nodiscard]] Qkv<V> split_qkv(V* base, std::int64_t rows) const {
+        const std::int64_t q = config_.n_heads * config_.head_dim(), kv = config_.kv_heads() * config_.head_dim();
+        return {base, base + rows * q, base + rows * (q + kv)};
     }
     // q|k|v = x [Wq; Wk; Wv]ᵀ into their planes: one strided-batched GEMM over the three
     // projections when they have one size (no GQA), else q alone and k, v batched.
-    void project_qkv(const T* x, const T* w, const Qkv<T>& out) const {
-        const std::int64_t N = shape_.rows(), d = config_.d_model, q = config_.n_heads * config_.head_dim(),
+    void project_qkv(const T* x, const T* w, const Qkv<T>& out, std::int64_t rows) const {
+        const std::int64_t d = config_.d_model, q = config_.n_heads * config_.head_dim(),
                            kv = config_.kv_heads() * config_.head_dim();
         auto batched = [&](const T* wb, T* c, std::int64_t cols, std::int64_t count) {
-            gemm_strided_batched({.trans_a = false, .trans_b = true, .m = N, .n = cols, .k = d, .alpha = 1.0f,
+            gemm_strided_batched({.trans_a = false, .trans_b = true, .m = rows, .n = cols, .k = d, .alpha = 1.0f,
                                   .beta = 0.0f, .a = x, .lda = d, .b = wb, .ldb = d, .c = c, .ldc = cols,
                                   .ab_type = dtype, .c_type = dtype, .compute = compute(), .stream = stream_},
-                                 {.count = count, .stride_a = 0, .stride_b = cols * d, .stride_c = N * cols});
+                                 {.count = count, .stride_a = 0, .stride_b = cols * d, .stride_c = rows * cols});
         };
         if (q == kv) return batched(w, out.q, q, 3);
-        linear(x, w, out.q, N, d, q);
+        linear(x, w, out.q, rows, d, q);
         batched(w + q * d, out.k, kv, 2);
     }
-    // RoPE on q and k (backward: on dq and dk): one launch over both planes when they have one size.
-    void rope_qk(const Qkv<T>& t, bool backward) const {
-        const std::int64_t B = shape_.batch, S = shape_.positions(), H = config_.n_heads, Hkv = config_.kv_heads(),
-                           Dh = config_.head_dim();
+    // RoPE on block `layer`'s q and k (backward: on dq and dk): one launch over both planes when
+    // they have one size. Blocks below L_int take the table of positions K..S−1.
+    void rope_qk(const Qkv<T>& t, bool backward, std::int64_t layer) const {
+        const std::int64_t B = shape_.batch, S = shape_.positions_at(layer), H = config_.n_heads,
+                           Hkv = config_.kv_heads(), Dh = config_.head_dim();
+        const float* table = layer < shape_.inject_layer ? acts_.rope_lower.data() : acts_.rope.data();
         auto apply = [&](T* x, std::int64_t batch, std::int64_t heads) {
-            if (backward) rope_backward(x, x, acts_.rope.data(), batch, S, heads, Dh, RopeStyle::half, stream_);
-            else rope_forward(x, x, acts_.rope.data(), batch, S, heads, Dh, RopeStyle::half, stream_);
+            if (backward) rope_backward(x, x, table, batch, S, heads, Dh, RopeStyle::half, stream_);
+            else rope_forward(x, x, table, batch, S, heads, Dh, RopeStyle::half, stream_);
         };
         if (H == Hkv) return apply(t.q, 2 * B, H);  // [2, B, S, H, Dh]: the q and k planes are adjacent
         apply(t.q, B, H);
         apply(t.k, B, Hkv);
+    }
+
+    [[nodiscard]] AttentionOptions attention_options() const {
+        return {.causal = true, .prefix = 0, .scale = 0.0f, .kernel = opt_.attention};
+    }
+    // Block `layer`'s input: residual[layer], or at L_int > 0 the rows with the prompt prepended.
+    [[nodiscard]] T* block_input(std::int64_t layer) {
+        const auto l = static_cast<std::size_t>(layer);
+        return layer == shape_.inject_layer && layer > 0 ? acts_.injected.data() : acts_.residual[l].data();
+    }
+    // Switch layers below L_int (they route fewer rows, in acts_.experts_lower).
+    [[nodiscard]] std::int64_t lower_switch_layers() const {
+        std::int64_t n = 0;
+        for (std::int64_t l = 0; l < shape_.inject_layer; ++l) n += config_.has_experts(l) ? 1 : 0;
+        return n;
+    }
+    [[nodiscard]] DeviceSwitchFFN<T>& switch_of(std::int64_t layer) {
+        return layer < shape_.inject_layer ? acts_.experts_lower : acts_.experts;
+    }
+    [[nodiscard]] std::int64_t switch_index(std::int64_t layer) const {
+        const std::int64_t index = layers_[static_cast<std::size_t>(layer)].experts.index;
+        return layer < shape_.inject_layer ? index : index - lower_switch_layers();
+    }
+
+    [[nodiscard]] GateShape gate_shape() const {
+        return {.batch = shape_.batch, .d_model = config_.d_model, .gate_dim = shape_.gate_dim,
+                .experts = shape_.experts, .per_expert = shape_.per_expert()};
+    }
+    // MoP at block L_int's input x [B, S, d]: g from the mean of its non-prompt rows.
+    // gate_params: device f32 [W₁ (d_g·d) | W₂ (E·d_g)]
+    void gate_forward_step(const T* x, const float* gate_params, ForwardMode mode) {
+        const GateShape g = gate_shape();
+        gate_mean(x, acts_.gate_avg.data(), g.batch, shape_.positions(), shape_.prompt_len, g.d_model, stream_);
+        gate_forward(acts_.gate_avg.data(), gate_params, gate_params + g.gate_dim * g.d_model,
+                     acts_.gate_hidden.data(), acts_.gate_logits.data(), acts_.gate.data(), g,
+                     mode == ForwardMode::train ? 0 : gate_top_k_, stream_);
     }
 
     void copy(T* dst, const T* src, std::int64_t n) const {
@@ -731,6 +923,8 @@ private:
     std::uint64_t generation_ = 0;
     ForwardMode last_mode_ = ForwardMode::logits;
     bool saved_for_backward_ = false;
+    std::int64_t gate_top_k_ = 0;          // MoP top-k at evaluation (0: dense)
+    const float* last_params_ = nullptr;   // the trained block the last forward read
 };
 
 }  // namespace mopt::backend::cuda

@@ -1,9 +1,12 @@
 #pragma once
-// PromptTuner: prompt tuning (Lester et al. 2021) of a frozen DeviceLlama on the GPU. The prompt
-// P [K, d] is the only trained value; it keeps an f32 master copy (the forward rounds it to the
-// model's type as it builds x₀) and its AdamW moments on the device. One step:
+// PromptTuner: prompt tuning (Lester et al. 2021) of a frozen DeviceLlama on the GPU. The trained
+// values are the shape's block (LlamaRunShape::trainable_values): the prompt P [K, d] and, for a
+// Mixture of Prompts, its gate's W₁ and W₂ after it ([P | W₁ | W₂], f32). The tuner keeps their f32
+// master copy (the forward rounds P to the model's type as it builds the prompt rows) and their
+// AdamW moments on the device; AdamW and clipping treat the block as the CPU treats the list of
+// trainable parameters (one learning rate and weight decay, one global norm). One step:
 //
-//   upload ids, targets  ->  forward (train)  ->  backward_to_prompt: g = d loss / d P  ->  AdamW on P
+//   upload ids, targets  ->  forward (train)  ->  backward_to_prompt: g = d loss / d block  ->  AdamW
 //
 // AdamW (Loshchilov & Hutter 2019) exactly as mopt/train/adamw.hpp, in one fused element-wise
 // kernel: m = β₁m + (1 − β₁)g, v = β₂v + (1 − β₂)g², P −= lr·((m/(1 − β₁ᵗ)) / (√(v/(1 − β₂ᵗ)) + ε) + λP).
@@ -75,7 +78,7 @@ __global__ void adamw_kernel(F* w, float* g, float* m, float* v, std::int64_t n,
 template <class I>
 __global__ void advance_step_kernel(I* step) { *step += 1; }
 
-// *norm = ‖g‖₂ (one block; the prompt's K·d values are few). Partial sums in f64, as the CPU's.
+// *norm = ‖g‖₂ (one block; the trained values are few). Partial sums in f64, as the CPU's.
 template <class F>
 __global__ void __launch_bounds__(1024) grad_norm_kernel(const F* g, std::int64_t n, F* norm) {
     __shared__ double partial[32];
@@ -96,7 +99,8 @@ __global__ void __launch_bounds__(1024) grad_norm_kernel(const F* g, std::int64_
 template <DeviceFloat T>
 class PromptTuner {
 public:
-    // prompt: host f32 [K, d], the initial prompt (e.g. a CPU SoftPrompt's values); shape.prompt_len = K.
+    // prompt: host f32 [trainable_values(d)], the initial block (e.g. a CPU SoftPrompt's values; a
+    // MixtureOfPrompts' prompt, gate.w1 and gate.w2 one after the other); shape.prompt_len = K >= 1.
     // clip: max global gradient norm (0: none; train::PromptTuningOptions's default is 1).
     PromptTuner(DeviceLlama<T>& model, const LlamaRunShape& shape, std::span<const float> prompt,
                 AdamWOptions opt = {}, float clip = 0.0f)
@@ -104,7 +108,7 @@ public:
         check(shape.prompt_len >= 1, "PromptTuner: the shape needs prompt rows (prompt_len = ", shape.prompt_len, ")");
         check(std::isfinite(clip) && clip >= 0.0f, "PromptTuner: clip (max gradient norm) must be >= 0, got ", clip);
         model_.reserve(shape_);
-        const std::size_t n = static_cast<std::size_t>(shape.prompt_len * model.config().d_model);
+        const auto n = static_cast<std::size_t>(shape.trainable_values(model.config().d_model));
         cudaStream_t s = model_.stream();
         prompt_ = DeviceArray<float>(n, s);
         grad_ = DeviceArray<float>(n, s);
@@ -121,10 +125,11 @@ public:
         (void)cudaStreamSynchronize(model_.stream());  // the arrays go back to the cache with no work pending
     }
 
-    // Replaces the prompt and restarts AdamW (zero moments, step 0). prompt: host f32 [K, d]
+    // Replaces the trained block and restarts AdamW (zero moments, step 0). prompt: host f32 [trainable_values(d)]
     void set_prompt(std::span<const float> prompt) {
         check(prompt.size() == prompt_.size(), "PromptTuner::set_prompt: ", prompt.size(), " values for a prompt of [",
-              shape_.prompt_len, ", ", model_.config().d_model, "]");
+              shape_.prompt_len, ", ", model_.config().d_model, "]",
+              shape_.experts > 0 ? " and its gate (W1, W2)" : "", ": ", prompt_.size(), " expected");
         check_cuda(cudaStreamSynchronize(model_.stream()), "cudaStreamSynchronize (PromptTuner::set_prompt)");
         prompt_.upload(prompt);  // a blocking copy on the legacy stream, which the model's stream does not wait for
         check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (PromptTuner::set_prompt)");
@@ -238,7 +243,7 @@ private:
     LlamaRunShape shape_;
     AdamWOptions opt_;
     float clip_ = 0.0f;
-    DeviceArray<float> prompt_, grad_, m_, v_;  // f32 [K, d]: master prompt, its gradient, AdamW moments
+    DeviceArray<float> prompt_, grad_, m_, v_;  // f32 [trainable_values]: master block, its gradient, AdamW moments
     DeviceArray<float> norm_;                    // [1] ‖g‖₂ of the last step
     DeviceArray<std::int64_t> step_;             // AdamW steps taken (device)
     std::int64_t steps_ = 0;                     // steps enqueued (host)
