@@ -34,7 +34,7 @@
 //   head  = 2·B·T·d·V                                    logits of the text rows only
 //   gate  = 2·B·(d·d_g + d_g·E)                          MoP's gate MLP (d only)
 //   forward FLOPs  = Σ_ℓ (2·N_ℓ·P_ℓ + attn_ℓ) + head + gate
-//   step FLOPs     = forward + Σ_{ℓ >= L_int} (2·N_ℓ·P_ℓ + 2·attn_ℓ) + head + 2·gate
+//   step FLOPs     = forward + Σ_{ℓ >= L_int} (2·N_ℓ·P_ℓ + 2·attn_ℓ) + head + 2·gate (the torch peer's count)
 //                    frozen weights: the backward is the dX half (training would add 2·N·P for dW),
 //                    attention backward = 2 x forward, and it stops at L_int (nothing below is trained)
 //   mfu = FLOPs / time / peak (--peak-tflops: H100 SXM dense bf16 989; PCIe 756)
@@ -108,7 +108,7 @@ Flops model_flops(const BenchShape& s) {
                  F = static_cast<double>(c.d_ff), V = static_cast<double>(c.vocab_size);
     const double head = 2 * B * T * d * V;
     const double gate = 2 * B * static_cast<double>(r.gate_values(c.d_model));
-    Flops f{head + gate, head + 2 * gate};
+    Flops f{head + gate, 2 * head + 3 * gate};  // step: forward + backward of the head, gate MLP forward + dW + dX
     for (std::int64_t l = 0; l < c.n_layers; ++l) {
         const double S = static_cast<double>(r.positions_at(l)), N = B * S;
         const double p = d * (H + 2 * Hkv) * Dh + H * Dh * d + 3 * d * F +

@@ -124,8 +124,10 @@ struct LlamaOptions {
 };
 
 // What a forward computes: logits only (evaluation, generation), the loss as well (evaluation), or
-// the loss with d loss / d logits written over the logits and everything the backward needs (train).
-enum class ForwardMode { logits, loss, train };
+// the loss with d loss / d logits written over the logits and everything the backward needs (train);
+// keep: the logits and everything the backward needs, the loss and d loss / d logits left to the
+// caller (set_logits_gradient before the backward: a loss computed elsewhere, e.g. on a tape).
+enum class ForwardMode { logits, loss, train, keep };
 
 namespace llama_detail {
 
@@ -474,12 +476,24 @@ public:
         gate_top_k_ = k;
     }
     // MoP: the gate g [B, E] of the last forward (top-k applied where it was), host copy (synchronises).
-    [[nodiscard]] std::vector<float> gate_host() const {
-        check(acts_.reserved && shape_.experts > 0, "DeviceLlama::gate_host: the reserved shape has no gate");
-        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::gate_host)");
-        std::vector<float> out(acts_.gate.size());
-        acts_.gate.download(out);
-        return out;
+    [[nodiscard]] std::vector<float> gate_host() const { return gate_state().probs; }
+    // MoP: the gate's values in the last forward, host copies (synchronises).
+    struct GateState {
+        std::vector<float> avg;     // [B, d] mean of block L_int's input over its non-prompt rows
+        std::vector<float> hidden;  // [B, d_g] ReLU(avg W₁ᵀ)
+        std::vector<float> logits;  // [B, E] z
+        std::vector<float> probs;   // [B, E] g (top-k applied where it was)
+    };
+    [[nodiscard]] GateState gate_state() const {
+        check(acts_.reserved && shape_.experts > 0, "DeviceLlama::gate_state: the reserved shape has no gate");
+        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::gate_state)");
+        GateState g{std::vector<float>(acts_.gate_avg.size()), std::vector<float>(acts_.gate_hidden.size()),
+                    std::vector<float>(acts_.gate_logits.size()), std::vector<float>(acts_.gate.size())};
+        acts_.gate_avg.download(g.avg);
+        acts_.gate_hidden.download(g.hidden);
+        acts_.gate_logits.download(g.logits);
+        acts_.gate.download(g.probs);
+        return g;
     }
 
     // Uploads a batch: ids i32 [B, T] in [0, vocab) and targets i32 [B, T] (next tokens, −100 =
@@ -594,7 +608,30 @@ public:
                           {.ignore_index = -100, .write_dlogits = mode == ForwardMode::train, .dloss = 1.0f,
                            .row_loss = a.row_loss.data(), .stream = stream_});
         last_mode_ = mode;
-        saved_for_backward_ = mode == ForwardMode::train;
+        saved_for_backward_ = mode == ForwardMode::train || mode == ForwardMode::keep;
+    }
+
+    // After a keep-mode forward: d loss / d logits, host f32 [B, T, vocab], for the next backward.
+    void set_logits_gradient(std::span<const float> dlogits) {
+        check(saved_for_backward_ && last_mode_ == ForwardMode::keep,
+              "DeviceLlama::set_logits_gradient: needs a ForwardMode::keep forward with no backward since");
+        check(dlogits.size() == acts_.logits.size(), "DeviceLlama::set_logits_gradient: ", dlogits.size(),
+              " values for logits of [", shape_.batch, ", ", shape_.seq, ", ", config_.vocab_size, "]");
+        const float* src = dlogits.data();
+        std::vector<T> converted;
+        if constexpr (!std::is_same_v<T, float>) {
+            converted.resize(dlogits.size());
+            for (std::size_t i = 0; i < dlogits.size(); ++i) converted[i] = __float2bfloat16(dlogits[i]);
+        }
+        const void* from = std::is_same_v<T, float> ? static_cast<const void*>(src) : converted.data();
+        check_cuda(cudaMemcpyAsync(acts_.logits.data(), from, dlogits.size() * sizeof(T), cudaMemcpyHostToDevice, stream_),
+                   "cudaMemcpyAsync (DeviceLlama::set_logits_gradient)");
+        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::set_logits_gradient)");
+    }
+    // The weight of the Switch layers' auxiliary loss in the objective the next backward differentiates.
+    void set_aux_loss_weight(float w) {
+        check(std::isfinite(w), "DeviceLlama::set_aux_loss_weight: ", w, " is not finite");
+        opt_.aux_loss_weight = w;
     }
 
     // d loss / d [P | W₁ | W₂] of the last train-mode forward, enqueued on stream(): dparams: device
@@ -694,7 +731,8 @@ public:
 
     // The last loss, read back (synchronises the stream).
     [[nodiscard]] float loss() const {
-        check(acts_.reserved && last_mode_ != ForwardMode::logits, "DeviceLlama::loss: no loss computed yet");
+        check(acts_.reserved && (last_mode_ == ForwardMode::loss || last_mode_ == ForwardMode::train),
+              "DeviceLlama::loss: the last forward computed no loss (a logits or keep forward)");
         float v = 0.0f;
         check_cuda(cudaMemcpyAsync(&v, acts_.loss.data(), sizeof(float), cudaMemcpyDeviceToHost, stream_),
                    "cudaMemcpyAsync (DeviceLlama::loss)");
@@ -719,8 +757,10 @@ public:
     }
     // Logits of the last logits/loss-mode forward as f32 [B, T, vocab] (synchronises).
     [[nodiscard]] std::vector<float> logits_host() const {
-        check(acts_.reserved && last_mode_ != ForwardMode::train,
-              "DeviceLlama::logits_host: the last forward was a train forward (its logits became gradients)");
+        check(acts_.reserved && last_mode_ != ForwardMode::train &&
+                  (last_mode_ != ForwardMode::keep || saved_for_backward_),
+              "DeviceLlama::logits_host: the last forward's logits became gradients (a train forward, or a "
+              "keep forward's backward)");
         check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::logits_host)");
         std::vector<T> raw(acts_.logits.size());
         acts_.logits.download(raw);

@@ -2,9 +2,9 @@
 // LlamaHostWeights: the weights of a Llama-family model (RMSNorm, rotary GQA attention, dense
 // SwiGLU feed-forward, or a Switch top-1 mixture of SwiGLU experts in the layers
 // config.has_experts(l) marks) as plain f32 host arrays under Hugging Face's names — what DeviceLlama
-// (backend/cuda/llama.cuh) uploads. Plain C++: the CPU model's headers do not compile under nvcc,
-// so a program reads its nn::Transformer into this struct in a g++-compiled file
-// (llama_host_weights(model)) and hands the struct to the CUDA side.
+// (backend/cuda/llama.cuh) uploads. Plain C++: a program may read its nn::Transformer into this
+// struct in a g++-compiled file (llama_host_weights(model)) and hand the struct to a CUDA file that
+// never sees the CPU model's headers (fast nvcc builds); transformer.cuh calls it from nvcc itself.
 //
 // Shapes (row-major, nn::Linear's [out, in]; Dh = d_model / n_heads):
 //   embed_tokens [vocab, d]   lm_head [vocab, d] (empty when tie_embeddings)   final_norm [d]

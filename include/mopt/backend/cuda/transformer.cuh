@@ -1,0 +1,354 @@
+#pragma once
+// nn::Transformer<Family, FFN, Compression, Prompt, backend::Cuda>: the same model type as with
+// backend::Cpu — one change in the `using` line — whose forward and whose prompt backward run on the
+// GPU (DeviceLlama, llama.cuh), compiled by nvcc in the user's .cu file.
+//
+// What lives where:
+//   host (the backend::Cpu model this type derives from)   the weights as loaded or compressed (the
+//       master copy: load, save, compress::compress, visit_linears, visit_parameters all act on it),
+//       the prompt's parameters, their gradients and optimizer state, the tape;
+//   device (built from the host weights at the first forward, and again after any call that could
+//       change them: visit_linears, visit_parameters, blocks(), or weights_changed())   the weights
+//       in backend::Cuda's storage (compressed weights dequantised) and the activations.
+//
+// forward(tape, ids, opt) runs the model on the GPU and returns ForwardOutput as the CPU model
+// does. Its logits node carries the prompt's parameters as inputs: the loss is the tape's own
+// cross_entropy on the (host) logits, and the node's backward uploads d loss / d logits, runs the
+// device backward down to the prompt (DeviceLlama::enqueue_backward_to_prompt) and adds d prompt,
+// d gate.w1 and d gate.w2 into the parameters' gradients. So every loop written for the CPU model —
+// train::tune_prompt with clipping, schedules, checkpoints and resume, knowledge distillation,
+// federated MoP training, eval::corpus_perplexity — runs unchanged. Also carried over:
+//   Switch models: aux_loss (training, the layers from L_int on, as the CPU); its node's gradient
+//       is the weight the device backward gives the layers' auxiliary losses;
+//   MixtureOfPrompts: gate and gate_logits are nodes too (gate pretraining's cross-entropy on
+//       gate_logits reaches W₁ and W₂ through a host backward of the small gate MLP);
+//   decoding with a KV cache (eval::generate) runs on the host copy: the device has no KV cache yet.
+// Only prompts train here: a forward that would need a weight gradient (a trainable model weight
+// with gradients on) is an error, as is a model the GPU kernels do not take (head_dim 32/64/128).
+//
+// Cost against a fully device-resident step (PromptTuner): each training forward copies the logits
+// to the host and d logits back (B·T·vocab floats each way) and synchronises; for small vocabularies
+// this is little, for 32000-token ones it is the price of sharing the CPU's loops.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "mopt/autodiff/ops.hpp"
+#include "mopt/backend/cuda/allocator.cuh"
+#include "mopt/backend/cuda/cuda.hpp"
+#include "mopt/backend/cuda/llama.cuh"
+#include "mopt/backend/cuda/llama_weights.hpp"
+#include "mopt/nn/transformer.hpp"
+#include "mopt/prompt/mixture_of_prompts.hpp"
+
+namespace mopt::nn {
+
+template <class FamilyT, class FFNT, class CompressionT, class PromptT, DType Storage>
+class Transformer<FamilyT, FFNT, CompressionT, PromptT, backend::CudaBackend<Storage>>
+    : public Transformer<FamilyT, FFNT, CompressionT, PromptT, backend::Cpu> {
+public:
+    using Base = Transformer<FamilyT, FFNT, CompressionT, PromptT, backend::Cpu>;
+    using BackendType = backend::CudaBackend<Storage>;
+    using Prompt = PromptT;
+    using DeviceT = std::conditional_t<Storage == DType::f32, float, __nv_bfloat16>;
+    static constexpr bool is_mixture = std::is_same_v<PromptT, prompt::MixtureOfPrompts>;
+
+    using Base::Base;
+    explicit Transformer(Base&& host) : Base(std::move(host)) {}
+
+    static Transformer load(const std::filesystem::path& path) { return Transformer(Base::load(path)); }
+
+    // Calls that may change the host weights: the device copy is rebuilt at the next forward.
+    template <class F>
+    void visit_linears(F&& f) {
+        stale_ = true;
+        Base::visit_linears(std::forward<F>(f));
+    }
+    template <class F>
+    void visit_linears(std::size_t l, F&& f) {
+        stale_ = true;
+        Base::visit_linears(l, std::forward<F>(f));
+    }
+    template <class F>
+    void visit_parameters(F&& f) {
+        stale_ = true;
+        Base::visit_parameters(std::forward<F>(f));
+    }
+    [[nodiscard]] auto& blocks() {
+        stale_ = true;
+        return Base::blocks();
+    }
+    // Tells the model its host weights changed by other means (the device copy is rebuilt).
+    void weights_changed() { stale_ = true; }
+    // The device model (built on first use).
+    [[nodiscard]] backend::cuda::DeviceLlama<DeviceT>& device() {
+        sync_device();
+        return *device_;
+    }
+
+    // ids: i32 [B, T] -> logits [B, T, vocab], the loss against opt.targets, expert statistics and
+    // (MoP) the gate, as Transformer<…, Cpu>::forward; run on the GPU (see the header).
+    ForwardOutput forward(autodiff::Tape& tape, const Tensor& ids, ForwardOptions opt = {}) {
+        if (opt.cache != nullptr) return Base::forward(tape, ids, opt);  // decoding: the host copy
+        check(ids.rank() == 2 && ids.dtype() == DType::i32, "Transformer::forward: ids must be i32 [batch, seq], got ",
+              name(ids.dtype()), " of shape ", ids.shape());
+        check(ids.dim(1) > 0, "Transformer::forward: empty sequence (ids of shape ", ids.shape(), ")");
+        check(opt.targets == nullptr || (opt.targets->shape() == ids.shape() && opt.targets->dtype() == DType::i32),
+              "Transformer::forward: targets must be i32 of the ids' shape ", ids.shape());
+        check_frozen();
+        sync_device();
+        backend::cuda::DeviceLlama<DeviceT>& dev = *device_;
+        const std::int64_t B = ids.dim(0), T = ids.dim(1), V = this->config().vocab_size;
+        const backend::cuda::LlamaRunShape shape = run_shape(B, T);
+        dev.reserve(shape);
+
+        // The trained block [prompt | W₁ | W₂] and (MoP) the frozen input prompt and top-k.
+        std::vector<autodiff::Parameter*> params = block_parameters();
+        const std::int64_t values = shape.trainable_values(this->config().d_model);
+        if (static_cast<std::int64_t>(block_.size()) != values) {
+            block_ = backend::cuda::DeviceArray<float>(static_cast<std::size_t>(values), dev.stream());
+            block_grad_ = backend::cuda::DeviceArray<float>(static_cast<std::size_t>(values), dev.stream());
+        }
+        if (values > 0) {
+            std::vector<float> host(static_cast<std::size_t>(values));
+            std::size_t at = 0;
+            for (autodiff::Parameter* p : params) {
+                const Tensor& v = p->value();
+                std::memcpy(host.data() + at, v.f32(), static_cast<std::size_t>(v.numel()) * sizeof(float));
+                at += static_cast<std::size_t>(v.numel());
+            }
+            backend::cuda::check_cuda(cudaStreamSynchronize(dev.stream()), "cudaStreamSynchronize (Transformer<Cuda>)");
+            block_.upload(host);
+        }
+        if constexpr (is_mixture) {
+            if (shape.experts > 0) {
+                auto& mop = this->prompt();
+                if (shape.input_prompt > 0) dev.set_input_prompt(mop.input_prompt.value().span());
+                dev.set_gate_top_k(mop.config().top_k);
+            }
+        }
+
+        bool train = false;
+        if (autodiff::grad_enabled())
+            for (autodiff::Parameter* p : params) train = train || p->trainable();
+        dev.set_batch(ids.span<std::int32_t>(), {});
+        dev.enqueue_forward(values > 0 ? block_.data() : nullptr,
+                            train ? backend::cuda::ForwardMode::keep : backend::cuda::ForwardMode::logits);
+        Tensor logits = tape.alloc({B, T, V});
+        const std::vector<float> host_logits = dev.logits_host();
+        std::memcpy(logits.f32(), host_logits.data(), host_logits.size() * sizeof(float));
+
+        ForwardOutput out;
+        std::vector<autodiff::Var> inputs;
+        for (autodiff::Parameter* p : params) inputs.push_back(tape.parameter(*p));
+        aux_grad_ = 0.0f;
+        if (train) {
+            out.logits = record(tape, "cuda_forward", logits, inputs, &logits_backward);
+        } else {
+            out.logits = tape.constant(logits);
+        }
+        if (opt.targets != nullptr) out.loss = autodiff::cross_entropy(out.logits, *opt.targets);
+        if constexpr (FFNT::has_experts) expert_outputs(tape, out, shape, train);
+        if constexpr (is_mixture)
+            if (shape.experts > 0) gate_outputs(tape, out, shape, inputs, train);
+        return out;
+    }
+
+private:
+    // The model's weights must be frozen wherever gradients flow: the GPU computes prompt gradients only.
+    void check_frozen() {
+        if (!autodiff::grad_enabled()) return;
+        Base::visit_parameters([](autodiff::Parameter& p) {
+            check(!p.trainable(), "Transformer<…, ", BackendType::name, ">: model parameter '", p.name(),
+                  "' is trainable; this backend trains prompts only (freeze the model with set_trainable(false), "
+                  "or train it on backend::Cpu)");
+        });
+    }
+
+    void sync_device() {
+        if (device_ && !stale_) return;
+        device_.reset();
+        const backend::cuda::LlamaHostWeights w = backend::cuda::llama_host_weights(static_cast<Base&>(*this));
+        const backend::cuda::LlamaOptions o{.compute = backend::cuda::GemmCompute::f32};
+        block_ = {};
+        block_grad_ = {};
+        device_ = std::make_unique<backend::cuda::DeviceLlama<DeviceT>>(w, o);
+        stale_ = false;
+    }
+
+    // The prompt's layout on the device, from the prompt layer's config (none before init_prompt).
+    [[nodiscard]] backend::cuda::LlamaRunShape run_shape(std::int64_t B, std::int64_t T) {
+        backend::cuda::LlamaRunShape s{.batch = B, .seq = T};
+        if constexpr (PromptT::has_prompt) {
+            if (this->prompt_positions() > 0) {
+                const prompt::PromptConfig& c = this->prompt().config();
+                s.prompt_len = c.length;
+                s.inject_layer = c.inject_layer;
+                if constexpr (is_mixture) {
+                    s.experts = c.experts;
+                    s.gate_dim = c.gate_dim;
+                    s.input_prompt = c.input_prompt;
+                }
+            }
+        }
+        return s;
+    }
+    // The parameters in the device block's order: prompt, then (MoP) gate.w1, gate.w2.
+    [[nodiscard]] std::vector<autodiff::Parameter*> block_parameters() {
+        std::vector<autodiff::Parameter*> out;
+        if constexpr (PromptT::has_prompt) {
+            if (this->prompt_positions() > 0) {
+                auto& p = this->prompt();
+                out.push_back(&p.prompt);
+                if constexpr (is_mixture) {
+                    out.push_back(&p.gate.w1);
+                    out.push_back(&p.gate.w2);
+                }
+            }
+        }
+        return out;
+    }
+
+    static autodiff::Var record(autodiff::Tape& tape, const char* op, Tensor value,
+                                const std::vector<autodiff::Var>& in, autodiff::BackwardFn backward, const void* ctx) {
+        autodiff::Var v;
+        switch (in.size()) {
+            case 1: v = tape.record(op, std::move(value), {in[0]}, backward); break;
+            case 2: v = tape.record(op, std::move(value), {in[0], in[1]}, backward); break;
+            case 3: v = tape.record(op, std::move(value), {in[0], in[1], in[2]}, backward); break;
+            default: check(false, "Transformer<Cuda>: ", in.size(), " inputs for ", op);
+        }
+        tape.node(v).context = ctx;
+        return v;
+    }
+    autodiff::Var record(autodiff::Tape& tape, const char* op, Tensor value, const std::vector<autodiff::Var>& in,
+                         autodiff::BackwardFn backward) {
+        return record(tape, op, std::move(value), in, backward, this);
+    }
+    static Transformer& self(const autodiff::Node& n) {
+        return *static_cast<Transformer*>(const_cast<void*>(n.context));
+    }
+
+    // d loss / d logits -> the device backward -> d prompt, d W₁, d W₂ added into the inputs' gradients.
+    static void logits_backward(autodiff::Tape& t, autodiff::Node& n) {
+        Transformer& m = self(n);
+        backend::cuda::DeviceLlama<DeviceT>& dev = *m.device_;
+        dev.set_logits_gradient(n.grad.span());
+        dev.set_aux_loss_weight(m.aux_grad_);
+        dev.enqueue_backward_to_prompt(m.block_grad_.data());
+        backend::cuda::check_cuda(cudaStreamSynchronize(dev.stream()), "cudaStreamSynchronize (Transformer<Cuda> backward)");
+        std::vector<float> g(m.block_grad_.size());
+        m.block_grad_.download(g);
+        std::size_t at = 0;
+        for (int k = 0; k < n.num_in; ++k) {
+            const std::int64_t count = t.value_of(n, k).numel();
+            if (t.wants_grad(n, k)) {
+                float* dst = t.grad_of(n, k).f32();
+                for (std::int64_t i = 0; i < count; ++i) dst[i] += g[at + static_cast<std::size_t>(i)];
+            }
+            at += static_cast<std::size_t>(count);
+        }
+    }
+
+    // Switch layers: routing statistics of every layer; in training the auxiliary loss of the layers
+    // from L_int on (the CPU's, whose routers see trainable inputs there).
+    void expert_outputs(autodiff::Tape& tape, ForwardOutput& out, const backend::cuda::LlamaRunShape& shape, bool train) {
+        const std::vector<backend::cuda::SwitchStats> stats = device_->expert_stats();
+        double aux = 0.0;
+        std::int64_t layer = 0;
+        for (std::size_t i = 0; i < stats.size(); ++i, ++layer) {
+            while (!this->config().has_experts(layer)) ++layer;
+            const backend::cuda::SwitchStats& s = stats[i];
+            ExpertStats e{.layer = layer, .tokens = s.tokens, .dropped = s.dropped,
+                          .router_entropy = s.router_entropy, .aux_loss = s.balance};
+            for (const std::int64_t a : s.assigned)
+                e.fraction.push_back(static_cast<double>(a) / static_cast<double>(std::max<std::int64_t>(s.tokens, 1)));
+            out.experts.push_back(std::move(e));
+            if (layer >= shape.inject_layer) aux += s.aux_loss;
+        }
+        const ModelConfig& c = this->config();
+        if (!train || (c.aux_loss_coef <= 0.0f && c.z_loss_coef <= 0.0f) || shape.prompt_len == 0) return;
+        Tensor v = tape.alloc({});
+        v.f32()[0] = static_cast<float>(aux);
+        out.aux_loss = record(tape, "cuda_aux_loss", v, {out.logits}, &aux_backward);
+    }
+    // Runs before logits_backward (recorded after it): keeps the objective's weight on aux_loss.
+    static void aux_backward(autodiff::Tape&, autodiff::Node& n) { self(n).aux_grad_ += n.grad.f32()[0]; }
+
+    // MoP: gate probabilities and logits [B, E]; in training nodes over W₁, W₂ (gate_backward below).
+    void gate_outputs(autodiff::Tape& tape, ForwardOutput& out, const backend::cuda::LlamaRunShape& shape,
+                      const std::vector<autodiff::Var>& inputs, bool train) {
+        gate_state_ = device_->gate_state();
+        const std::int64_t B = shape.batch, E = shape.experts;
+        Tensor z = tape.alloc({B, E}), g = tape.alloc({B, E});
+        std::memcpy(z.f32(), gate_state_.logits.data(), gate_state_.logits.size() * sizeof(float));
+        std::memcpy(g.f32(), gate_state_.probs.data(), gate_state_.probs.size() * sizeof(float));
+        if (!train) {
+            out.gate_logits = tape.constant(z);
+            out.gate = tape.constant(g);
+            return;
+        }
+        const std::vector<autodiff::Var> gate_in{inputs[1], inputs[2]};
+        out.gate_logits = record(tape, "cuda_gate_logits", z, gate_in, &gate_logits_backward);
+        out.gate = record(tape, "cuda_gate", g, gate_in, &gate_probs_backward);
+    }
+    static void gate_logits_backward(autodiff::Tape& t, autodiff::Node& n) {
+        self(n).gate_weight_gradients(t, n, n.grad.f32());
+    }
+    static void gate_probs_backward(autodiff::Tape& t, autodiff::Node& n) {  // dz = g ⊙ (dg − ⟨g, dg⟩)
+        const std::int64_t B = n.value.dim(0), E = n.value.dim(1);
+        std::vector<float> dz(static_cast<std::size_t>(B * E));
+        for (std::int64_t b = 0; b < B; ++b) {
+            const float* g = n.value.f32() + b * E;
+            const float* dg = n.grad.f32() + b * E;
+            double dot = 0.0;
+            for (std::int64_t e = 0; e < E; ++e) dot += static_cast<double>(g[e]) * dg[e];
+            for (std::int64_t e = 0; e < E; ++e) dz[b * E + e] = g[e] * (dg[e] - static_cast<float>(dot));
+        }
+        self(n).gate_weight_gradients(t, n, dz.data());
+    }
+    // dW₂ += dzᵀ h; dh = (dz W₂) ⊙ [h > 0]; dW₁ += dhᵀ avg (the gate MLP's backward on the host: its
+    // inputs avg are frozen activations, so no gradient goes further).
+    void gate_weight_gradients(autodiff::Tape& t, const autodiff::Node& n, const float* dz) {
+        const std::int64_t B = n.value.dim(0), E = n.value.dim(1), d = this->config().d_model;
+        const Tensor& w2 = t.value_of(n, 1);
+        const std::int64_t G = w2.dim(1);
+        std::vector<float> dh(static_cast<std::size_t>(B * G), 0.0f);
+        for (std::int64_t b = 0; b < B; ++b)
+            for (std::int64_t k = 0; k < G; ++k) {
+                if (gate_state_.hidden[b * G + k] <= 0.0f) continue;
+                float s = 0.0f;
+                for (std::int64_t e = 0; e < E; ++e) s += dz[b * E + e] * w2.f32()[e * G + k];
+                dh[b * G + k] = s;
+            }
+        if (t.wants_grad(n, 1)) {
+            float* dw2 = t.grad_of(n, 1).f32();
+            for (std::int64_t e = 0; e < E; ++e)
+                for (std::int64_t k = 0; k < G; ++k)
+                    for (std::int64_t b = 0; b < B; ++b) dw2[e * G + k] += dz[b * E + e] * gate_state_.hidden[b * G + k];
+        }
+        if (t.wants_grad(n, 0)) {
+            float* dw1 = t.grad_of(n, 0).f32();
+            for (std::int64_t k = 0; k < G; ++k)
+                for (std::int64_t b = 0; b < B; ++b) {
+                    const float s = dh[b * G + k];
+                    if (s == 0.0f) continue;
+                    for (std::int64_t j = 0; j < d; ++j) dw1[k * d + j] += s * gate_state_.avg[b * d + j];
+                }
+        }
+    }
+
+    std::unique_ptr<backend::cuda::DeviceLlama<DeviceT>> device_;
+    bool stale_ = true;
+    backend::cuda::DeviceArray<float> block_, block_grad_;  // [prompt | W₁ | W₂] and its gradient
+    float aux_grad_ = 0.0f;                                 // d objective / d aux_loss of the last forward
+    typename backend::cuda::DeviceLlama<DeviceT>::GateState gate_state_;
+};
+
+}  // namespace mopt::nn
