@@ -234,10 +234,13 @@ int with_prompt_model(const std::filesystem::path& path, F&& f) {
     if (examples::detail::computes<DenseLlama>(hf.structure)) return run(std::type_identity<DenseLlama>{});
     if (examples::detail::computes<SwitchEveryOther>(hf.structure)) return run(std::type_identity<SwitchEveryOther>{});
     if (examples::detail::computes<SwitchEveryLayer>(hf.structure)) return run(std::type_identity<SwitchEveryLayer>{});
-    if (examples::detail::computes<Mixtral>(hf.structure)) return run(std::type_identity<Mixtral>{});
-    if (examples::detail::computes<Gpt>(hf.structure)) return run(std::type_identity<Gpt>{});
+    if constexpr (!ExampleBackend::is_cuda) {  // CPU only (model_dispatch.hpp)
+        if (examples::detail::computes<Mixtral>(hf.structure)) return run(std::type_identity<Mixtral>{});
+        if (examples::detail::computes<Gpt>(hf.structure)) return run(std::type_identity<Gpt>{});
+    }
     throw Error(mopt::detail::concat("config '", config.string(), "': ", hf.architecture, " is ",
-                                     hf.structure.describe(), ", a structure prompt_tune is not compiled for"));
+                                     hf.structure.describe(), ", a structure this program is not compiled for (backend ",
+                                     ExampleBackend::name, ")"));
 }
 
 nlohmann::json per_domain(const eval::CorpusPerplexity& p) {

@@ -28,11 +28,22 @@
 
 namespace mopt::examples {
 
+// The Backend slot of every type below: backend::Cpu, unless the including file names another
+// first (examples/prompt_tune_gpu.cu: backend::Cuda, the only change that makes prompt_tune run
+// on the GPU).
+#ifndef MOPT_EXAMPLE_BACKEND
+#define MOPT_EXAMPLE_BACKEND ::mopt::backend::Cpu
+#endif
+using ExampleBackend = MOPT_EXAMPLE_BACKEND;
+
 // compress::Any: each type also loads a compressed checkpoint (examples/compress writes them) and
 // can be compressed by a recipe given at run time.
-using DenseLlama = nn::Transformer<nn::Llama, nn::Llama::FFN, compress::Any>;
-using SwitchEveryOther = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryOtherLayer>, compress::Any>;
-using SwitchEveryLayer = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryLayer>, compress::Any>;
+using DenseLlama = nn::Transformer<nn::Llama, nn::Llama::FFN, compress::Any, prompt::None, ExampleBackend>;
+using SwitchEveryOther = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryOtherLayer>, compress::Any,
+                                         prompt::None, ExampleBackend>;
+using SwitchEveryLayer =
+    nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryLayer>, compress::Any, prompt::None, ExampleBackend>;
+// Top-2 routing and the GPT family run on the CPU only (the GPU kernels take RMSNorm, RoPE, SwiGLU, top-1).
 using Mixtral = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::TopK, nn::EveryLayer>, compress::Any>;
 using Gpt = nn::Transformer<nn::GPT, nn::GPT::FFN, compress::Any>;
 
@@ -72,8 +83,16 @@ auto with_model(const std::filesystem::path& path, F&& f) -> decltype(f(std::dec
     if (detail::computes<DenseLlama>(hf.structure)) return run(std::type_identity<DenseLlama>{});
     if (detail::computes<SwitchEveryOther>(hf.structure)) return run(std::type_identity<SwitchEveryOther>{});
     if (detail::computes<SwitchEveryLayer>(hf.structure)) return run(std::type_identity<SwitchEveryLayer>{});
-    if (detail::computes<Mixtral>(hf.structure)) return run(std::type_identity<Mixtral>{});
-    if (detail::computes<Gpt>(hf.structure)) return run(std::type_identity<Gpt>{});
+    if constexpr (!ExampleBackend::is_cuda) {
+        if (detail::computes<Mixtral>(hf.structure)) return run(std::type_identity<Mixtral>{});
+        if (detail::computes<Gpt>(hf.structure)) return run(std::type_identity<Gpt>{});
+    }
+    if constexpr (ExampleBackend::is_cuda)
+        throw Error(mopt::detail::concat("config '", config.string(), "': ", hf.architecture, " is ",
+                                         hf.structure.describe(), ", a structure the ", ExampleBackend::name,
+                                         " backend does not run; it runs ", DenseLlama::structure().describe(), ", ",
+                                         SwitchEveryOther::structure().describe(), " and ",
+                                         SwitchEveryLayer::structure().describe()));
     throw Error(mopt::detail::concat(
         "config '", config.string(), "': ", hf.architecture, " is ", hf.structure.describe(),
         ", a structure this program is not compiled for; it runs ", DenseLlama::structure().describe(), ", ",
