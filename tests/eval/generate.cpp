@@ -66,6 +66,34 @@ TEST_CASE("generate: greedy with the KV cache equals greedy recomputing the sequ
     CHECK(eval::generate(stories, p, g) == greedy_recompute(stories, p, 50));
 }
 
+TEST_CASE("generate: a soft-prompted model decodes past its prompt's positions", "[generate]") {
+    // The cache holds the prompt's K positions too: K + P + steps − 1 of them (a cache sized for the
+    // text alone overflows on the first forward).
+    using Prompted = nn::Transformer<nn::Llama, nn::Llama::FFN, compress::None, prompt::SoftPrompt>;
+    nn::ModelConfig c{.vocab_size = 37, .d_model = 32, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .d_ff = 48,
+                      .max_seq = 16};
+    Prompted model(c, 11);
+    test::randomize_matrices(model, 100, 0.4f);
+    model.init_prompt({.length = 4, .init = prompt::PromptInit::uniform, .seed = 3});
+    const std::vector<std::int32_t> text = {1, 7, 30};
+    const auto out = eval::generate(model, text, {.steps = 10, .temperature = 0.0f, .stop_at_eos = false});
+    REQUIRE(out.size() == 10);  // 4 + 3 + 9 = 16 positions: exactly the context
+    // greedy without the cache, the prompt entering every full forward
+    std::vector<std::int32_t> seq = text;
+    autodiff::NoGrad no_grad;
+    autodiff::Tape tape;
+    for (int s = 0; s < 10; ++s) {
+        tape.reset();
+        const Tensor ids = Tensor::from({1, static_cast<std::int64_t>(seq.size())}, std::span<const std::int32_t>(seq));
+        const Tensor& logits = model.forward(tape, ids).logits.value();
+        const float* last = logits.f32() + (logits.dim(1) - 1) * logits.dim(2);
+        seq.push_back(static_cast<std::int32_t>(std::max_element(last, last + logits.dim(2)) - last));
+    }
+    CHECK(out == std::vector<std::int32_t>(seq.begin() + 3, seq.end()));
+    CHECK_THROWS_WITH(eval::generate(model, text, {.steps = 11, .temperature = 0.0f}),
+                      Catch::Contains("4 prompt positions") && Catch::Contains("generate at most 10 tokens"));
+}
+
 TEST_CASE("generate: the seed decides the sampled text", "[generate]") {
     Llama model = small_model();
     const std::vector<std::int32_t> prompt = {1, 3};

@@ -96,14 +96,18 @@ std::vector<std::int32_t> generate(Model& model, std::span<const std::int32_t> p
               ", outside the vocabulary of ", c.vocab_size);
     std::vector<std::int32_t> out;
     if (opt.steps == 0) return out;
-    // The last generated token is never fed back, so P + steps - 1 positions enter the model.
-    check(P + opt.steps - 1 <= c.max_seq, "generate: a prompt of ", P, " tokens and ", opt.steps,
-          " steps need ", P + opt.steps - 1, " positions but the model's context is max_seq = ", c.max_seq,
-          "; generate at most ", std::max<std::int64_t>(c.max_seq - P + 1, 0), " tokens after this prompt");
+    // The last generated token is never fed back, so P + steps - 1 positions enter the model, after
+    // the positions a learned prompt takes (a soft prompt's K, a Mixture of Prompts' K + p₁).
+    const std::int64_t prefix = model.prompt_positions();
+    const std::int64_t positions = prefix + P + opt.steps - 1;
+    check(positions <= c.max_seq, "generate: ", prefix > 0 ? mopt::detail::concat(prefix, " prompt positions, ") : "",
+          "a text of ", P, " tokens and ", opt.steps, " steps need ", positions,
+          " positions but the model's context is max_seq = ", c.max_seq, "; generate at most ",
+          std::max<std::int64_t>(c.max_seq - prefix - P + 1, 0), " tokens after this text");
 
     autodiff::NoGrad no_grad;
     autodiff::Tape tape;
-    nn::KVCache cache(c, 1, P + opt.steps - 1);
+    nn::KVCache cache(c, 1, positions);
     std::mt19937_64 rng(opt.seed);
     std::vector<double> prob;
     std::vector<std::int32_t> order;

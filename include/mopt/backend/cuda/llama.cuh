@@ -748,11 +748,13 @@ public:
                 for (SwitchStats& st : e->stats()) all.push_back(std::move(st));
         return all;
     }
-    // Switch models: Σ layers' aux_loss_coef·balance + z_loss_coef·z of the last forward, the CPU's
-    // ForwardOutput::aux_loss (synchronises; 0 when dense).
+    // Switch models: Σ layers' aux_loss_coef·balance + z_loss_coef·z of the last forward over the
+    // layers from L_int on — those the prompt reaches, whose term the backward differentiates; the
+    // CPU's ForwardOutput::aux_loss (synchronises; 0 when dense).
     [[nodiscard]] double aux_loss() const {
         double sum = 0.0;
-        for (const SwitchStats& s : expert_stats()) sum += s.aux_loss;
+        if (acts_.experts.reserved())
+            for (const SwitchStats& s : acts_.experts.stats()) sum += s.aux_loss;
         return sum;
     }
     // Logits of the last logits/loss-mode forward as f32 [B, T, vocab] (synchronises).

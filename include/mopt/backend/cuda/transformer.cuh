@@ -260,7 +260,6 @@ private:
     // from L_int on (the CPU's, whose routers see trainable inputs there).
     void expert_outputs(autodiff::Tape& tape, ForwardOutput& out, const backend::cuda::LlamaRunShape& shape, bool train) {
         const std::vector<backend::cuda::SwitchStats> stats = device_->expert_stats();
-        double aux = 0.0;
         std::int64_t layer = 0;
         for (std::size_t i = 0; i < stats.size(); ++i, ++layer) {
             while (!this->config().has_experts(layer)) ++layer;
@@ -270,12 +269,11 @@ private:
             for (const std::int64_t a : s.assigned)
                 e.fraction.push_back(static_cast<double>(a) / static_cast<double>(std::max<std::int64_t>(s.tokens, 1)));
             out.experts.push_back(std::move(e));
-            if (layer >= shape.inject_layer) aux += s.aux_loss;
         }
         const ModelConfig& c = this->config();
         if (!train || (c.aux_loss_coef <= 0.0f && c.z_loss_coef <= 0.0f) || shape.prompt_len == 0) return;
         Tensor v = tape.alloc({});
-        v.f32()[0] = static_cast<float>(aux);
+        v.f32()[0] = static_cast<float>(device_->aux_loss());
         out.aux_loss = record(tape, "cuda_aux_loss", v, {out.logits}, &aux_backward);
     }
     // Runs before logits_backward (recorded after it): keeps the objective's weight on aux_loss.
