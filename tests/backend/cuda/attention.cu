@@ -156,16 +156,7 @@ void check_case(const AttentionCase& c, AttentionKernel kernel, std::uint32_t se
     if (want.dv) compare(download(grad_v), ref.dv, tol, what + ": dv");
 }
 
-// The error thrown by `f`, or "" when it throws none.
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const mopt::Error& e) {
-        return e.what();
-    }
-    return "";
-}
+using mopt::cuda_test::error_of;
 
 }  // namespace
 

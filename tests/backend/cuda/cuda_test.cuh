@@ -16,6 +16,7 @@
 
 #include <mopt/backend/cuda/allocator.cuh>
 #include <mopt/backend/cuda/device.cuh>
+#include <mopt/error.hpp>
 
 namespace mopt::cuda_test {
 
@@ -70,6 +71,20 @@ inline double relative_error(std::span<const float> got, std::span<const float> 
         scale = std::max(scale, std::abs(w));
     }
     return diff / std::max(scale, 1e-30);
+}
+
+// Relative difference of two scalars (a loss, a norm).
+inline double scalar_error(double got, double want) { return std::abs(got - want) / std::max(std::abs(want), 1e-30); }
+
+// The mopt::Error thrown by `f`, or "" when it throws none.
+template <class F>
+std::string error_of(F&& f) {
+    try {
+        f();
+    } catch (const mopt::Error& e) {
+        return e.what();
+    }
+    return "";
 }
 
 }  // namespace mopt::cuda_test

@@ -32,7 +32,7 @@ using mopt::cuda_test::LlamaReference;
 using mopt::cuda_test::device_prompt;
 using mopt::cuda_test::download;
 
-double scalar_error(double got, double want) { return std::abs(got - want) / std::max(std::abs(want), 1e-30); }
+using mopt::cuda_test::scalar_error;
 
 cuda::LlamaRunShape shape_of(const LlamaCase& c) {
     return {.batch = c.batch, .seq = c.seq, .prompt_len = c.prompt_len};

@@ -1,11 +1,12 @@
 #pragma once
 // Shared by the CPU references of the CUDA tests (g++ side): bf16 rounding, the random weights every
-// whole-model reference starts from, and its random batch.
+// whole-model reference starts from, its random batch, and flattening tensors into one host block.
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <random>
 #include <utility>
+#include <vector>
 
 #include <mopt/autodiff/parameter.hpp>
 #include <mopt/nn/linear_role.hpp>  // before transformer.hpp, as the references include them
@@ -18,6 +19,12 @@ inline float round_bf16(float x) {
     std::uint32_t u = std::bit_cast<std::uint32_t>(x);
     u += 0x7fffu + ((u >> 16) & 1u);
     return std::bit_cast<float>(u & 0xffff0000u);
+}
+
+// Appends a tensor's f32 values to `to` (flattening several tensors into one host block).
+inline void append(std::vector<float>& to, const Tensor& t) {
+    const auto s = t.span();
+    to.insert(to.end(), s.begin(), s.end());
 }
 
 // Weights scaled so every activation is O(1): projections (routers and experts included)

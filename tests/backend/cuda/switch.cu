@@ -42,7 +42,7 @@ using mopt::cuda_test::device_prompt;
 using mopt::cuda_test::download;
 using mopt::cuda_test::SwitchReference;
 
-double scalar_error(double got, double want) { return std::abs(got - want) / std::max(std::abs(want), 1e-30); }
+using mopt::cuda_test::scalar_error;
 
 template <class T>
 cuda::DeviceArray<T> device(const std::vector<float>& v) {

@@ -25,11 +25,6 @@ namespace {
 
 std::vector<float> values(const Tensor& t) { return t.to_vector(); }
 
-void append(std::vector<float>& to, const Tensor& t) {
-    const auto s = t.span();
-    to.insert(to.end(), s.begin(), s.end());
-}
-
 // Normal(0, 1/in) projections (O(1) activations), as llama_reference.cpp; bf16: rounded.
 void randomize_projection(Tensor& w, std::mt19937_64& rng, bool bf16) {
     std::normal_distribution<float> dist(0.0f, 1.0f / std::sqrt(static_cast<float>(w.dim(1))));
