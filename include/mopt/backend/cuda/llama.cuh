@@ -441,6 +441,7 @@ public:
             rope_table(a.rope_lower.data(), s.lower_positions(), config_.head_dim(), config_.rope_theta, s.prompt_len,
                        stream_);
         }
+        input_prompt_set_ = s.input_prompt == 0;  // a new shape needs its P¹ (set_input_prompt)
         if (s.experts > 0) {
             a.input_prompt = array(float{}, s.input_prompt * d);
             a.input_prompt.zero(stream_);
@@ -468,6 +469,7 @@ public:
                                    cudaMemcpyHostToDevice, stream_),
                    "cudaMemcpyAsync (DeviceLlama::set_input_prompt)");
         check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::set_input_prompt)");
+        input_prompt_set_ = true;
     }
     // MoP: keep the k largest gate values (renormalised) in logits and loss forwards, as the CPU's
     // set_top_k with gradients off; train forwards keep the dense gate. 0: dense.
@@ -537,6 +539,8 @@ public:
               shape_.prompt_len, " prompt rows but the prompt pointer is null");
         check(gate_top_k_ <= shape_.experts || shape_.experts == 0, "DeviceLlama::forward: gate top-k = ", gate_top_k_,
               " exceeds the ", shape_.experts, " experts");
+        check(input_prompt_set_, "DeviceLlama::forward: the reserved shape has ", shape_.input_prompt,
+              " input-prompt rows P¹ but set_input_prompt was not called since reserve()");
         Activations& a = acts_;
         const std::int64_t B = shape_.batch, text = shape_.seq, K = shape_.prompt_len, L = shape_.inject_layer;
         const std::int64_t N = shape_.rows(), d = config_.d_model, F = config_.d_ff, V = config_.vocab_size;
@@ -966,6 +970,7 @@ private:
     ForwardMode last_mode_ = ForwardMode::logits;
     bool saved_for_backward_ = false;
     std::int64_t gate_top_k_ = 0;          // MoP top-k at evaluation (0: dense)
+    bool input_prompt_set_ = true;         // MoP: P¹ uploaded since the last reserve (or none needed)
     const float* last_params_ = nullptr;   // the trained block the last forward read
 };
 
