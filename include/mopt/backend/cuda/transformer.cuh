@@ -173,11 +173,11 @@ private:
 
     void sync_device() {
         if (device_ && !stale_) return;
+        block_ = {};  // arrays of the old model's stream go back first, then the model and its stream
+        block_grad_ = {};
         device_.reset();
         const backend::cuda::LlamaHostWeights w = backend::cuda::llama_host_weights(static_cast<Base&>(*this));
         const backend::cuda::LlamaOptions o{.compute = backend::cuda::GemmCompute::f32};
-        block_ = {};
-        block_grad_ = {};
         device_ = std::make_unique<backend::cuda::DeviceLlama<DeviceT>>(w, o);
         stale_ = false;
     }
