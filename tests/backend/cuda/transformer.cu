@@ -50,14 +50,16 @@ nn::ModelConfig config_of(bool experts) {
     return c;
 }
 
-// The CPU model and its CUDA twin, with the same weights and prompt.
-template <class FFN, class Prompt>
+// The CPU model and its CUDA twin, with the same weights and prompt (bf16: weights rounded to bf16
+// values on both, so only the GPU's bf16 storage of activations differs).
+template <class FFN, class Prompt, class Gpu = backend::Cuda>
 struct Pair {
     Model<FFN, Prompt, backend::Cpu> cpu;
-    Model<FFN, Prompt, backend::Cuda> gpu;
+    Model<FFN, Prompt, Gpu> gpu;
     Pair(const nn::ModelConfig& c, const prompt::PromptConfig& pc) : cpu(c, 5), gpu(c, 5) {
-        cuda_test::randomize(cpu, 11, false);
-        cuda_test::randomize(gpu, 11, false);
+        const bool bf16 = Gpu::storage == DType::bf16;
+        cuda_test::randomize(cpu, 11, bf16);
+        cuda_test::randomize(gpu, 11, bf16);
         cpu.init_prompt(pc);
         gpu.init_prompt(pc);
         cpu.set_trainable(false);
@@ -116,6 +118,23 @@ void check_pair(Pair<FFN, Prompt>& m, const train::PromptStepOptions& o, int ste
 MOPT_CUDA_TEST(transformer_cuda_soft_prompt_matches_cpu) {
     Pair<Dense, prompt::SoftPrompt> m(config_of(false), {.length = 6, .init = prompt::PromptInit::uniform, .seed = 2});
     check_pair(m, {.clip = 0.5f}, 3, "soft prompt");
+}
+
+MOPT_CUDA_TEST(transformer_cuda_bf16_soft_prompt_close_to_cpu) {
+    // backend::CudaBf16: llama.cu's bf16 tolerances (3e-2 on tensors, 2e-3 on the loss; see there)
+    Pair<Dense, prompt::SoftPrompt, backend::CudaBf16> m(config_of(false),
+                                                         {.length = 6, .init = prompt::PromptInit::uniform, .seed = 2});
+    for (float& v : m.cpu.prompt().prompt.value().span()) v = cuda_test::round_bf16(v);
+    for (float& v : m.gpu.prompt().prompt.value().span()) v = cuda_test::round_bf16(v);
+    const data::Batch b = batch_of(97, 3, 1);
+    autodiff::Tape tc, tg;
+    const nn::ForwardOutput c = m.cpu.forward(tc, b.ids, {.targets = &b.targets});
+    const nn::ForwardOutput g = m.gpu.forward(tg, b.ids, {.targets = &b.targets});
+    CUDA_CHECK_CLOSE(g.logits.value().span(), c.logits.value().span(), 3e-2, "bf16 logits");
+    CUDA_CHECK(scalar_error(g.loss.item(), c.loss.item()) <= 2e-3, "bf16 loss ", g.loss.item(), " vs CPU ", c.loss.item());
+    tc.backward(c.loss);
+    tg.backward(g.loss);
+    CUDA_CHECK_CLOSE(grads(m.gpu.prompt().prompt), grads(m.cpu.prompt().prompt), 3e-2, "bf16 d loss / d prompt");
 }
 
 MOPT_CUDA_TEST(transformer_cuda_mixture_of_prompts_matches_cpu) {
