@@ -13,7 +13,7 @@
 // Build (sm_90, no CMake):
 //   nvcc -std=c++20 -O3 -arch=sm_90 -Iinclude -I/usr/include/eigen3 -DEIGEN_DONT_PARALLELIZE \
 //        -diag-suppress 20012,20013,20015 benchmarks/cuda_packed_gemm.cu \
-//        -o .cache/bin/cuda/cuda_packed_gemm -lcublas -lcublasLt -lopenblas
+//        -o .cache/bin/cuda/cuda_packed_gemm -lcublas -lcublasLt
 //   (or: cmake --build --preset default --target cuda_packed_gemm)
 // Run: .cache/bin/cuda/cuda_packed_gemm [--rows 4096] [--iters 20] [--warmup 3] [--backward 0|1]
 #include <cuda_bf16.h>
