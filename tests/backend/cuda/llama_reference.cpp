@@ -47,8 +47,8 @@ LlamaReference llama_reference(const LlamaCase& c) {
     r.weights = backend::cuda::llama_host_weights(model);
     r.prompt = prompt.value().to_vector();
     const auto [ids, targets] = random_batch(c.vocab, c.batch, c.seq, c.seed + 11);
-    r.ids.assign(ids.span<std::int32_t>().begin(), ids.span<std::int32_t>().end());
-    r.targets.assign(targets.span<std::int32_t>().begin(), targets.span<std::int32_t>().end());
+    r.ids = int_values(ids);
+    r.targets = int_values(targets);
 
     autodiff::Tape tape;
     {

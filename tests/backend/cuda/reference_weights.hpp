@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include <mopt/autodiff/ops.hpp>
 #include <mopt/autodiff/parameter.hpp>
 #include <mopt/nn/linear_role.hpp>  // before transformer.hpp, as the references include them
 #include <mopt/nn/transformer.hpp>
@@ -19,6 +20,19 @@ inline float round_bf16(float x) {
     std::uint32_t u = std::bit_cast<std::uint32_t>(x);
     u += 0x7fffu + ((u >> 16) & 1u);
     return std::bit_cast<float>(u & 0xffff0000u);
+}
+
+// train::prompt_step's joint objective: the loss, plus aux_weight · aux_loss when the model has one.
+inline autodiff::Var prompt_objective(const nn::ForwardOutput& out, float aux_weight) {
+    if (aux_weight != 0.0f && out.aux_loss.defined())
+        return autodiff::add(out.loss, autodiff::scale(out.aux_loss, aux_weight));
+    return out.loss;
+}
+
+// An i32 tensor's values as a host vector (the ids and targets the GPU side uploads).
+inline std::vector<std::int32_t> int_values(const Tensor& t) {
+    const auto s = t.span<std::int32_t>();
+    return {s.begin(), s.end()};
 }
 
 // Appends a tensor's f32 values to `to` (flattening several tensors into one host block).

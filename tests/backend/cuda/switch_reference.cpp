@@ -190,15 +190,11 @@ SwitchLlamaReference run(const SwitchLlamaCase& c) {
     r.weights = backend::cuda::llama_host_weights(model);
     r.prompt = prompt.value().to_vector();
     const auto [ids, targets] = random_batch(c.vocab, c.batch, c.seq, c.seed + 11);
-    r.ids.assign(ids.span<std::int32_t>().begin(), ids.span<std::int32_t>().end());
-    r.targets.assign(targets.span<std::int32_t>().begin(), targets.span<std::int32_t>().end());
+    r.ids = int_values(ids);
+    r.targets = int_values(targets);
 
-    // The prompt objective of train::prompt_step: loss + aux_weight · aux_loss.
-    auto objective = [&](nn::ForwardOutput& out) {
-        if (c.aux_weight != 0.0f && out.aux_loss.defined())
-            return autodiff::add(out.loss, autodiff::scale(out.aux_loss, c.aux_weight));
-        return out.loss;
-    };
+    // The objective of train::prompt_step: loss + aux_weight · aux_loss.
+    auto objective = [&](const nn::ForwardOutput& out) { return prompt_objective(out, c.aux_weight); };
     autodiff::Tape tape;
     {
         nn::ForwardOutput out = model.forward(tape, ids, {.targets = &targets});
