@@ -25,6 +25,7 @@
 #include <mopt/backend/cuda/packed_gemm.cuh>
 #include <mopt/compress/packed_weight.hpp>
 
+#include "../../compress/packed_data.hpp"
 #include "cuda_test.cuh"
 
 namespace {
@@ -42,49 +43,8 @@ Floats random_floats(std::size_t n, unsigned seed, float lo = -1.0f, float hi = 
     return v;
 }
 
-// Random codes, scales and integer zero points (tests/compress/packed.cpp's random_codes); outlier
-// columns get f32 outliers and the zero point as their code, as LLM.int8() stores them.
-compress::IntCodes random_codes(std::int64_t out, std::int64_t in, int bits, std::int64_t group, unsigned seed,
-                                std::vector<std::int32_t> outlier_cols = {}) {
-    std::mt19937_64 rng(seed);
-    std::uniform_int_distribution<int> code(0, (1 << bits) - 1);
-    std::uniform_real_distribution<float> scale(0.01f, 0.1f);
-    compress::IntCodes c;
-    c.out = out;
-    c.in = in;
-    c.bits = bits;
-    c.group = group;
-    for (std::int64_t i = 0; i < out * in; ++i) c.q.push_back(static_cast<std::uint8_t>(code(rng)));
-    for (std::int64_t g = 0; g < out * (in / group); ++g) {
-        c.scale.push_back(scale(rng));
-        c.zero.push_back(static_cast<float>(code(rng)));
-    }
-    c.outlier_cols = std::move(outlier_cols);
-    if (!c.outlier_cols.empty()) {
-        const auto k = static_cast<std::int64_t>(c.outlier_cols.size());
-        const Floats o = random_floats(static_cast<std::size_t>(out * k), seed + 1, -4.0f, 4.0f);
-        c.outliers = mopt::Tensor::from({out, k}, std::span<const float>(o));
-        for (std::int64_t r = 0; r < out; ++r)
-            for (std::int32_t col : c.outlier_cols)
-                c.q[static_cast<std::size_t>(r * in + col)] =
-                    static_cast<std::uint8_t>(c.zero[static_cast<std::size_t>(r * (in / group) + col / group)]);
-    }
-    return c;
-}
-
-// A dense [out, in] matrix with n zeros in every group of m (at random positions).
-mopt::Tensor nm_matrix(std::int64_t out, std::int64_t in, int n, int m, unsigned seed) {
-    Floats w = random_floats(static_cast<std::size_t>(out * in), seed);
-    std::mt19937_64 rng(seed + 1);
-    std::vector<int> pos(static_cast<std::size_t>(m));
-    for (std::int64_t r = 0; r < out; ++r)
-        for (std::int64_t g = 0; g < in / m; ++g) {
-            std::iota(pos.begin(), pos.end(), 0);
-            std::shuffle(pos.begin(), pos.end(), rng);
-            for (int j = 0; j < n; ++j) w[static_cast<std::size_t>(r * in + g * m + pos[static_cast<std::size_t>(j)])] = 0.0f;
-        }
-    return mopt::Tensor::from({out, in}, std::span<const float>(w));
-}
+using mopt::test::packed::nm_matrix;
+using mopt::test::packed::random_codes;
 
 template <class T>
 Floats representable(Floats v) {
