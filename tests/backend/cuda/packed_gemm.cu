@@ -7,7 +7,8 @@
 //   forward   y  = x · Ŵᵀ        (beta 0 over a NaN-filled y: the output is overwritten)
 //   backward  dx = dx0 + dy · Ŵ  (beta 1: accumulates as compress::matmul_backward does)
 //
-// Rows 1, 37 and 130 (one and three row tiles), in / out not multiples of the 64 × 32 tiles.
+// Rows 1 and 5 (the few-rows kernel of the forward), 37 and 130 (one and three row tiles of the tiled
+// kernel), in / out not multiples of the 64 × 32 tiles.
 // Tolerances (normwise, cuda_test.cuh): f32 1e-5 (the GPU dequantises bit-exactly as the CPU, only
 // the f32 summation order differs), bf16 1e-2 (inputs bf16-representable for both sides; the
 // output's rounding is 2^-9).
@@ -122,8 +123,8 @@ void check_products(const compress::PackedWeight& w, const cuda::DevicePackedWei
     cuda::packed_matmul_backward<T>(dw, d_dy.data(), rows, out, d_dx.data(), 1.0f);
     CUDA_CHECK_CLOSE(to_host(d_dx), want_dx, tolerance<T>(), what + " backward (beta 1)");
 
-    // backward with beta 0 (over NaN) and forward with beta 0.5, at 37 rows
-    if (rows != 37) return;
+    // backward with beta 0 (over NaN) and forward with beta 0.5, at 5 rows (the few-rows forward) and 37
+    if (rows != 5 && rows != 37) return;
     auto d_dx2 = to_device<T>(Floats(dx0.size(), std::numeric_limits<float>::quiet_NaN()));
     cuda::packed_matmul_backward<T>(dw, d_dy.data(), rows, out, d_dx2.data());
     Floats want_dx2(want_dx.size());
@@ -141,7 +142,7 @@ void check_format(const compress::PackedWeight& w, unsigned seed) {
     const cuda::DevicePackedWeight dw = cuda::DevicePackedWeight::upload(w);
     CUDA_CHECK(dw.format() == w.format() && dw.out() == w.out() && dw.in() == w.in(), "uploaded ", dw.format(), " [",
                dw.out(), ", ", dw.in(), "] from ", w.format());
-    for (std::int64_t rows : {1, 37, 130}) {
+    for (std::int64_t rows : {1, 5, 37, 130}) {
         check_products<float>(w, dw, rows, seed + static_cast<unsigned>(rows));
         check_products<bf16>(w, dw, rows, seed + 1000 + static_cast<unsigned>(rows));
     }

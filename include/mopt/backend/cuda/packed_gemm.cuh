@@ -39,6 +39,9 @@
 // reasonable speed, and a memory-bound small-rows product (decoding, prompt tuning with few rows)
 // gains most from the packed reads.
 //
+// Few rows (at most 8, the forward of int<b> weights: decoding, small batches) take a second kernel,
+// packed_gemv_kernel: warps over output rows, x staged in shared memory (see there).
+//
 // Code widths 8, 4, 3 and 2 are compile-time (shifts and divisions by constants); 5, 6 and 7 take
 // a generic runtime-width path. Group sizes: any that divides `in` (PackedQuant's invariant),
 // "whole row" (group = in) included.
@@ -282,6 +285,69 @@ __global__ void __launch_bounds__(threads) packed_gemm_kernel(PackedWeightView v
     }
 }
 
+// Few rows (decoding, small batches; forward of int<b> weights): y[r, o] = Σ_c x[r, c] ŵ[o, c] for
+// rows <= R. Each warp owns gemv_outputs_per_warp outputs and its lanes consecutive columns, so a
+// warp reads a few neighbouring packed words at a time and conflict-free shared memory; x is staged
+// in shared memory (f32) in chunks of gemv_chunk columns, shared by the block's outputs; the weight is
+// read once, packed. The grid covers `out` only, so unlike the tiled kernel it does not leave the
+// GPU idle when rows are few.
+inline constexpr int gemv_max_rows = 8, gemv_chunk = 1024, gemv_outputs_per_warp = 4;
+
+template <class T, int F, int R>
+__global__ void __launch_bounds__(threads) packed_gemv_kernel(PackedWeightView v, const T* __restrict__ x, int rows,
+                                                              T* __restrict__ y, float beta) {
+    __shared__ float xs[R * gemv_chunk];
+    const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+    const int o_first = (static_cast<int>(blockIdx.x) * (threads / 32) + warp) * gemv_outputs_per_warp;
+    float acc[gemv_outputs_per_warp][R];
+#pragma unroll
+    for (int i = 0; i < gemv_outputs_per_warp; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[i][r] = 0.0f;
+    for (int k0 = 0; k0 < v.in; k0 += gemv_chunk) {
+        const int kc = v.in - k0 < gemv_chunk ? v.in - k0 : gemv_chunk;
+        __syncthreads();
+        for (int e = static_cast<int>(threadIdx.x); e < R * gemv_chunk; e += threads) {
+            const int r = e / gemv_chunk, cl = e % gemv_chunk;
+            xs[e] = (r < rows && cl < kc) ? to_f32(x[static_cast<std::int64_t>(r) * v.in + k0 + cl]) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < gemv_outputs_per_warp; ++i) {
+            const int o = o_first + i;
+            if (o >= v.out) continue;  // uniform over the warp
+            for (int cl = lane; cl < kc; cl += 32) {
+                const float w = quant_value<F>(v, o, k0 + cl);
+#pragma unroll
+                for (int r = 0; r < R; ++r) acc[i][r] = fmaf(w, xs[r * gemv_chunk + cl], acc[i][r]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < gemv_outputs_per_warp; ++i) {
+        const int o = o_first + i;
+        if (o >= v.out) continue;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r >= rows) continue;  // uniform over the warp
+            const float sum = warp_sum(acc[i][r]);
+            if (lane != 0) continue;
+            T& out = y[static_cast<std::int64_t>(r) * v.out + o];
+            float val = sum;
+            if (beta != 0.0f) val += beta * to_f32(out);
+            out = from_f32<T>(val);
+        }
+    }
+}
+
+template <class T, int F>
+void launch_gemv(const PackedWeightView& v, const T* x, int rows, T* y, float beta, cudaStream_t stream) {
+    const unsigned grid = static_cast<unsigned>(ceil_div(v.out, (threads / 32) * gemv_outputs_per_warp));
+    if (rows == 1) packed_gemv_kernel<T, F, 1><<<grid, threads, 0, stream>>>(v, x, rows, y, beta);
+    else if (rows <= 4) packed_gemv_kernel<T, F, 4><<<grid, threads, 0, stream>>>(v, x, rows, y, beta);
+    else packed_gemv_kernel<T, F, gemv_max_rows><<<grid, threads, 0, stream>>>(v, x, rows, y, beta);
+}
+
 template <class T, bool Backward>
 void launch(const char* op, const DevicePackedWeight& w, const T* a, std::int64_t rows, std::int64_t a_cols, T* c,
             float beta, cudaStream_t stream) {
@@ -301,7 +367,13 @@ void launch(const char* op, const DevicePackedWeight& w, const T* a, std::int64_
     const dim3 grid(static_cast<unsigned>(ceil_div(n, tile_n)), static_cast<unsigned>(ceil_div(rows, tile_m)));
     const PackedWeightView& v = w.view();
     const int r = static_cast<int>(rows);
-    if (v.format == PackedFormat::nm) {
+    if (!Backward && v.format == PackedFormat::quant && rows <= gemv_max_rows) {
+        switch (v.bits) {
+            case 8: launch_gemv<T, 8>(v, a, r, c, beta, stream); break;
+            case 4: launch_gemv<T, 4>(v, a, r, c, beta, stream); break;
+            default: launch_gemv<T, 0>(v, a, r, c, beta, stream); break;
+        }
+    } else if (v.format == PackedFormat::nm) {
         packed_gemm_kernel<T, kernel_nm, Backward><<<grid, threads, 0, stream>>>(v, a, r, c, beta);
     } else {
         switch (v.bits) {
