@@ -12,9 +12,11 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <mopt/backend/cuda/allocator.cuh>
+#include <mopt/backend/cuda/common.cuh>
 #include <mopt/backend/cuda/device.cuh>
 #include <mopt/error.hpp>
 
@@ -35,6 +37,33 @@ inline std::vector<float> download(const backend::cuda::DeviceArray<float>& a) {
     std::vector<float> out(a.size());
     a.download(out);
     return out;
+}
+
+// The values a T array can hold (bf16 cases give these to both the GPU and the CPU reference).
+template <class T>
+std::vector<float> representable(std::vector<float> v) {
+    if constexpr (!std::is_same_v<T, float>)
+        for (float& x : v) x = backend::cuda::to_f32(backend::cuda::from_f32<T>(x));
+    return v;
+}
+// Host f32 values -> a device array of T (rounded to T).
+template <class T>
+backend::cuda::DeviceArray<T> to_device(const std::vector<float>& v) {
+    std::vector<T> host(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) host[i] = backend::cuda::from_f32<T>(v[i]);
+    backend::cuda::DeviceArray<T> d(v.size());
+    d.upload(host);
+    return d;
+}
+// A device array of T as host f32 values, after all queued work.
+template <class T>
+std::vector<float> to_host(const backend::cuda::DeviceArray<T>& d) {
+    backend::cuda::check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (to_host)");
+    std::vector<T> host(d.size());
+    d.download(host);
+    std::vector<float> v(host.size());
+    for (std::size_t i = 0; i < host.size(); ++i) v[i] = backend::cuda::to_f32(host[i]);
+    return v;
 }
 
 struct Case {

@@ -43,31 +43,9 @@ Floats random_floats(std::size_t n, float scale, unsigned seed, float offset = 0
     return v;
 }
 
-// The values a T tensor can hold: bf16 cases give these to both the GPU and the CPU reference.
-template <class T>
-Floats representable(Floats v) {
-    if constexpr (std::is_same_v<T, bf16>)
-        for (float& x : v) x = __bfloat162float(__float2bfloat16(x));
-    return v;
-}
-
-template <class T>
-cuda::DeviceArray<T> to_device(const Floats& v) {
-    std::vector<T> host(v.size());
-    for (std::size_t i = 0; i < v.size(); ++i) host[i] = cuda::from_f32<T>(v[i]);
-    cuda::DeviceArray<T> d(v.size());
-    d.upload(host);
-    return d;
-}
-
-template <class T>
-Floats to_host(const cuda::DeviceArray<T>& d) {
-    std::vector<T> host(d.size());
-    d.download(host);
-    Floats v(host.size());
-    for (std::size_t i = 0; i < host.size(); ++i) v[i] = cuda::to_f32(host[i]);
-    return v;
-}
+using mopt::cuda_test::representable;
+using mopt::cuda_test::to_device;
+using mopt::cuda_test::to_host;
 
 void sync(const char* what) { cuda::check_cuda(cudaDeviceSynchronize(), what); }
 
