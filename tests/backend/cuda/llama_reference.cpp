@@ -26,15 +26,8 @@ using Model = nn::Transformer<nn::Llama, nn::Llama::FFN, compress::None, prompt:
 }  // namespace
 
 LlamaReference llama_reference(const LlamaCase& c) {
-    nn::ModelConfig config;
-    config.vocab_size = c.vocab;
-    config.d_model = c.d_model;
-    config.n_layers = c.n_layers;
-    config.n_heads = c.n_heads;
-    config.n_kv_heads = c.n_kv_heads;
-    config.d_ff = c.d_ff;
+    nn::ModelConfig config = config_of(c);
     config.tie_embeddings = c.tie_embeddings;
-    config.max_seq = 256;
     Model model(config, c.seed);
     randomize(model, c.seed + 7, c.bf16_weights);
     model.init_prompt({.length = c.prompt_len, .init = prompt::PromptInit::uniform, .seed = c.seed + 3});

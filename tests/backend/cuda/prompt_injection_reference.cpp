@@ -45,14 +45,7 @@ template <class M>
 PromptInjectionReference run(const PromptInjectionCase& c) {
     constexpr bool mixture = std::is_same_v<typename M::Prompt, prompt::MixtureOfPrompts>;
     check(mixture == c.mixture, "prompt_injection_reference: the case's prompt kind does not match the model type");
-    nn::ModelConfig config;
-    config.vocab_size = c.vocab;
-    config.d_model = c.d_model;
-    config.n_layers = c.n_layers;
-    config.n_heads = c.n_heads;
-    config.n_kv_heads = c.n_kv_heads;
-    config.d_ff = c.d_ff;
-    config.max_seq = 256;
+    nn::ModelConfig config = config_of(c);
     config.num_experts = c.ffn_experts;
     config.experts_per_token = 1;
     config.capacity_factor = 0.0f;

@@ -22,6 +22,21 @@ inline float round_bf16(float x) {
     return std::bit_cast<float>(u & 0xffff0000u);
 }
 
+// The model config of a reference case: its vocab, d_model, n_layers, n_heads, n_kv_heads, d_ff and a
+// context of 256 positions (the rest as nn::ModelConfig's defaults; a caller adds experts).
+template <class Case>
+nn::ModelConfig config_of(const Case& c) {
+    nn::ModelConfig config;
+    config.vocab_size = c.vocab;
+    config.d_model = c.d_model;
+    config.n_layers = c.n_layers;
+    config.n_heads = c.n_heads;
+    config.n_kv_heads = c.n_kv_heads;
+    config.d_ff = c.d_ff;
+    config.max_seq = 256;
+    return config;
+}
+
 // train::prompt_step's joint objective: the loss, plus aux_weight · aux_loss when the model has one.
 inline autodiff::Var prompt_objective(const nn::ForwardOutput& out, float aux_weight) {
     if (aux_weight != 0.0f && out.aux_loss.defined())

@@ -155,14 +155,7 @@ void design_routing(Model& model, std::int64_t experts) {
 
 template <class Model>
 SwitchLlamaReference run(const SwitchLlamaCase& c) {
-    nn::ModelConfig config;
-    config.vocab_size = c.vocab;
-    config.d_model = c.d_model;
-    config.n_layers = c.n_layers;
-    config.n_heads = c.n_heads;
-    config.n_kv_heads = c.n_kv_heads;
-    config.d_ff = c.d_ff;
-    config.max_seq = 256;
+    nn::ModelConfig config = config_of(c);
     config.num_experts = c.experts;
     config.experts_per_token = 1;
     config.capacity_factor = c.capacity_factor;
