@@ -763,16 +763,26 @@ public:
     }
     // Logits of the last logits/loss-mode forward as f32 [B, T, vocab] (synchronises).
     [[nodiscard]] std::vector<float> logits_host() const {
+        std::vector<float> out(acts_.logits.size());
+        logits_to_host(out);
+        return out;
+    }
+    // The same into caller memory (f32 [B, T, vocab]): f32 models copy straight into it.
+    void logits_to_host(std::span<float> out) const {
         check(acts_.reserved && last_mode_ != ForwardMode::train &&
                   (last_mode_ != ForwardMode::keep || saved_for_backward_),
               "DeviceLlama::logits_host: the last forward's logits became gradients (a train forward, or a "
               "keep forward's backward)");
+        check(out.size() == acts_.logits.size(), "DeviceLlama::logits_host: ", out.size(), " values for logits of [",
+              shape_.batch, ", ", shape_.seq, ", ", config_.vocab_size, "]");
         check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::logits_host)");
-        std::vector<T> raw(acts_.logits.size());
-        acts_.logits.download(raw);
-        std::vector<float> out(raw.size());
-        for (std::size_t i = 0; i < raw.size(); ++i) out[i] = to_f32(raw[i]);
-        return out;
+        if constexpr (std::is_same_v<T, float>) {
+            acts_.logits.download(out);
+        } else {
+            std::vector<T> raw(acts_.logits.size());
+            acts_.logits.download(raw);
+            for (std::size_t i = 0; i < raw.size(); ++i) out[i] = to_f32(raw[i]);
+        }
     }
 
 private:

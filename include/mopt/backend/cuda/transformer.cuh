@@ -141,8 +141,7 @@ public:
         dev.enqueue_forward(values > 0 ? block_.data() : nullptr,
                             train ? backend::cuda::ForwardMode::keep : backend::cuda::ForwardMode::logits);
         Tensor logits = tape.alloc({B, T, V});
-        const std::vector<float> host_logits = dev.logits_host();
-        std::memcpy(logits.f32(), host_logits.data(), host_logits.size() * sizeof(float));
+        dev.logits_to_host(logits.span());
 
         ForwardOutput out;
         std::vector<autodiff::Var> inputs;
