@@ -39,6 +39,12 @@ inline std::vector<float> download(const backend::cuda::DeviceArray<float>& a) {
     return out;
 }
 
+// "bf16" or "f32", for messages.
+template <class T>
+constexpr const char* type_name() {
+    return std::is_same_v<T, float> ? "f32" : "bf16";
+}
+
 // The values a T array can hold (bf16 cases give these to both the GPU and the CPU reference).
 template <class T>
 std::vector<float> representable(std::vector<float> v) {

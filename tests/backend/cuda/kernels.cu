@@ -53,10 +53,7 @@ template <class T>
 constexpr double tolerance() {
     return std::is_same_v<T, bf16> ? 1e-2 : 1e-4;
 }
-template <class T>
-constexpr const char* type_name() {
-    return std::is_same_v<T, bf16> ? "bf16" : "f32";
-}
+using mopt::cuda_test::type_name;
 
 Floats one(float v) { return {v}; }
 
