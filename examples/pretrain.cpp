@@ -36,9 +36,16 @@ namespace fs = std::filesystem;
 using namespace mopt;
 using cli::usage_check;
 
-using DenseModel = nn::Transformer<nn::Llama>;
-using SwitchModel = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryOtherLayer>>;
-using SwitchEveryLayerModel = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryLayer>>;
+// The Backend slot: backend::Cpu, unless the including file names another first
+// (examples/pretrain_gpu.cu: backend::Cuda, the only change that makes pretrain run on the GPU).
+#ifndef MOPT_EXAMPLE_BACKEND
+#define MOPT_EXAMPLE_BACKEND ::mopt::backend::Cpu
+#endif
+using DenseModel = nn::Transformer<nn::Llama, nn::Llama::FFN, compress::None, prompt::None, MOPT_EXAMPLE_BACKEND>;
+using SwitchModel = nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryOtherLayer>, compress::None,
+                                    prompt::None, MOPT_EXAMPLE_BACKEND>;
+using SwitchEveryLayerModel =
+    nn::Transformer<nn::Llama, nn::SwitchFFN<nn::Top1, nn::EveryLayer>, compress::None, prompt::None, MOPT_EXAMPLE_BACKEND>;
 
 namespace {
 
@@ -176,7 +183,7 @@ void plot_curves(const fs::path& csv, const fs::path& png, const std::string& ti
 }
 
 template <class Model>
-int train(const Options& o, Data& d) {
+int pretrain(const Options& o, Data& d) {
     const fs::path out(o.out), ckpt_dir = out / "checkpoints";
     nn::ModelConfig c{.vocab_size = d.tokenizer.vocab_size(), .d_model = o.d_model, .n_layers = o.layers,
                       .n_heads = o.heads, .n_kv_heads = o.kv_heads, .d_ff = o.ffn, .max_seq = o.seq_len,
@@ -384,8 +391,8 @@ int main(int argc, char** argv) {
         std::signal(SIGINT, on_signal);
         std::signal(SIGTERM, on_signal);
         Data d = load_data(o);
-        if (o.arch == "dense") return train<DenseModel>(o, d);
-        if (o.arch == "switch") return train<SwitchModel>(o, d);
-        return train<SwitchEveryLayerModel>(o, d);
+        if (o.arch == "dense") return pretrain<DenseModel>(o, d);
+        if (o.arch == "switch") return pretrain<SwitchModel>(o, d);
+        return pretrain<SwitchEveryLayerModel>(o, d);
     });
 }

@@ -6,11 +6,14 @@
 // soft prompt, a Mixture of Prompts at layer 1 (with its gate pretraining loss on gate_logits) and
 // a Switch model with its auxiliary loss in the objective. Also: evaluation (top-k gates)
 // and decoding (the host copy) give the CPU's numbers; host weight changes reach the device; a
-// trainable model weight and bad ids are refused.
+// trainable model weight beside a prompt, a Switch model's trainable weights and bad ids are
+// refused. Pretraining (every weight trainable, no prompt) matches the CPU step for step.
 #include <mopt/nn/linear_role.hpp>  // first: see llama_reference.cpp
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -113,7 +116,66 @@ void check_pair(Pair<FFN, Prompt>& m, const train::PromptStepOptions& o, int ste
     }
 }
 
+// Pretraining (every weight trainable, no prompt), as examples/pretrain trains: the first step's
+// gradient of every parameter, then three steps of clipped AdamW with weight decay (the host's
+// optimizer; the device takes the moved weights at the next forward): losses, gradient norms and
+// final weights agree with the CPU model's, and so do the evaluation logits after the last step.
+template <class Gpu>
+void check_pretraining(const nn::ModelConfig& c, double tol, const char* what) {
+    const bool bf16 = Gpu::storage == DType::bf16;
+    Model<Dense, prompt::None, backend::Cpu> cpu(c, 5);
+    Model<Dense, prompt::None, Gpu> gpu(c, 5);
+    cuda_test::randomize(cpu, 11, bf16);
+    cuda_test::randomize(gpu, 11, bf16);
+    std::vector<autodiff::Parameter*> pc, pg;
+    cpu.visit_parameters([&](autodiff::Parameter& p) { pc.push_back(&p); });
+    gpu.visit_parameters([&](autodiff::Parameter& p) { pg.push_back(&p); });
+    const train::AdamWOptions ao{.lr = 2e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f};
+    train::AdamW oc(pc, ao), og(pg, ao);
+    double worst_grad = 0.0;
+    for (int step = 0; step < 3; ++step) {
+        const data::Batch b = batch_of(c.vocab_size, 40 + static_cast<std::uint64_t>(step), 1);
+        autodiff::Tape tc, tg;
+        const nn::ForwardOutput fc = cpu.forward(tc, b.ids, {.targets = &b.targets});
+        const nn::ForwardOutput fg = gpu.forward(tg, b.ids, {.targets = &b.targets});
+        CUDA_CHECK(scalar_error(fg.loss.item(), fc.loss.item()) <= tol, what, " step ", step, ": loss ",
+                   fg.loss.item(), " vs CPU ", fc.loss.item());
+        tc.backward(fc.loss);
+        tg.backward(fg.loss);
+        if (step == 0)
+            for (std::size_t i = 0; i < pc.size(); ++i) {
+                const double e = cuda_test::relative_error(pg[i]->grad().span(), pc[i]->grad().span());
+                worst_grad = std::max(worst_grad, e);
+                CUDA_CHECK(e <= tol, what, ": gradient of ", pc[i]->name(), " off by ", e, " > ", tol);
+            }
+        const double nc = train::clip_grad_norm(pc, 1.0), ng = train::clip_grad_norm(pg, 1.0);
+        CUDA_CHECK(scalar_error(ng, nc) <= tol, what, " step ", step, ": gradient norm ", ng, " vs CPU ", nc);
+        oc.step();
+        og.step();
+    }
+    for (std::size_t i = 0; i < pc.size(); ++i)
+        CUDA_CHECK_CLOSE(values(*pg[i]), values(*pc[i]), tol, pc[i]->name() + " after three steps");
+    autodiff::NoGrad no_grad;
+    autodiff::Tape tc, tg;
+    const data::Batch b = batch_of(c.vocab_size, 50, 1);
+    CUDA_CHECK_CLOSE(gpu.forward(tg, b.ids).logits.value().span(), cpu.forward(tc, b.ids).logits.value().span(),
+                     tol, std::string(what) + ": evaluation logits after training");
+    std::printf("    %s: worst first-step gradient error %.2e (tolerance %.0e)\n", what, worst_grad, tol);
+}
+
 }  // namespace
+
+MOPT_CUDA_TEST(transformer_cuda_pretraining_matches_cpu) {
+    check_pretraining<backend::Cuda>(config_of(false), 1e-4, "f32, GQA, own head");
+    nn::ModelConfig tied = config_of(false);
+    tied.tie_embeddings = true;
+    tied.n_kv_heads = 0;
+    check_pretraining<backend::Cuda>(tied, 1e-4, "f32, tied embeddings");
+}
+
+MOPT_CUDA_TEST(transformer_cuda_bf16_pretraining_close_to_cpu) {
+    check_pretraining<backend::CudaBf16>(config_of(false), 1e-2, "bf16");
+}
 
 MOPT_CUDA_TEST(transformer_cuda_soft_prompt_matches_cpu) {
     Pair<Dense, prompt::SoftPrompt> m(config_of(false), {.length = 6, .init = prompt::PromptInit::uniform, .seed = 2});
@@ -211,15 +273,24 @@ MOPT_CUDA_TEST(transformer_cuda_follows_host_weights_and_decodes) {
     const auto gc = eval::generate(m.cpu, start, {.steps = 6, .temperature = 0.0f, .stop_at_eos = false});
     const auto gg = eval::generate(m.gpu, start, {.steps = 6, .temperature = 0.0f, .stop_at_eos = false});
     CUDA_CHECK(gc == gg, "greedy generation differs from the CPU's");
-    // a trainable model weight would need a weight gradient: refused, naming the parameter
+    // trainable model weights beside a learned prompt: refused, naming the parameter
     m.gpu.set_trainable(true);
     const std::string e = error_of([&] {
         autodiff::Tape t;
         (void)m.gpu.forward(t, b.ids, {.targets = &b.targets});
     });
-    CUDA_CHECK(e.find("trains prompts only") != std::string::npos && e.find("model.embed_tokens.weight") != std::string::npos,
-               "trainable weights: got '", e, "'");
+    CUDA_CHECK(e.find("beside a learned prompt") != std::string::npos &&
+                   e.find("model.embed_tokens.weight") != std::string::npos,
+               "trainable weights with a prompt: got '", e, "'");
     m.gpu.set_trainable(false);
+    // a Switch model's weights do not train on the GPU yet: refused, naming the parameter
+    Model<Switch, prompt::None, backend::Cuda> moe(config_of(true), 3);
+    const std::string s = error_of([&] {
+        autodiff::Tape t;
+        (void)moe.forward(t, b.ids, {.targets = &b.targets});
+    });
+    CUDA_CHECK(s.find("Switch model") != std::string::npos && s.find("model.embed_tokens.weight") != std::string::npos,
+               "trainable Switch weights: got '", s, "'");
     const std::string bad = error_of([&] {
         autodiff::Tape t;
         (void)m.gpu.forward(t, Tensor::full({1, 3}, 500.0f));

@@ -14,6 +14,14 @@
 // runs, only the chain of input gradients (llm.c's backward with every dW line removed): dgrad
 // GEMMs dX = dY·W, the norm, RoPE, SwiGLU and attention backwards, and the residual adds.
 //
+// backward_weights() (pretraining, dense models, no prompt) adds the weight gradients, all f32 in
+// one block (weight_gradient_layout(): Hugging Face names, offsets, sizes): per projection one wgrad
+// GEMM dW = dYᵀ·X (bf16 inputs, f32 output), the norms' gains in their backward pass, the head's
+// [V, d] GEMM and the embedding rows by atomic scatter-add (tied: into the same block). The GEMM
+// inputs the frozen backward never needed — norm(x), norm(x_mid) and silu(gate) ⊙ up — are
+// recomputed from what the forward saved (x, x_mid, gate|up) instead of kept: no extra memory.
+// update_weights() uploads changed host weights into the same buffers (an optimizer step on the host).
+//
 // Fewer, larger launches: Wq, Wk, Wv are stored stacked and run as one strided-batched GEMM into
 // q, k, v planes (RoPE then runs once over the adjacent q and k planes); Wgate and Wup are stacked
 // so gate|up is one GEMM and its backward one GEMM over the packed d gate|d up; each norm's
@@ -59,6 +67,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <span>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -179,6 +188,17 @@ __global__ void prompt_gradient_kernel(const T* dx, float* dprompt, int batch, s
     }
 }
 
+// The embedding's gradient: dE[ids[r]] += dx₀[r] for every row (no prompt rows: pretraining).
+// ids: i32 [rows], dx: [rows, d] -> dtable: f32 [vocab, d] (accumulated, atomically: ids repeat)
+template <class T>
+__global__ void embedding_backward_kernel(const std::int32_t* ids, const T* dx, float* dtable, std::int64_t rows,
+                                          int d) {
+    MOPT_LLAMA_GRID_STRIDE(e, rows * d) {
+        const std::int64_t r = e / d;
+        atomicAdd(dtable + static_cast<std::int64_t>(ids[r]) * d + e % d, to_f32(dx[e]));
+    }
+}
+
 __device__ inline std::uint64_t splitmix64(std::uint64_t x) {
     x += 0x9E3779B97F4A7C15ull;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -245,10 +265,11 @@ private:
     std::size_t count_ = 0;
 };
 
+// buffer = host rounded to T, into the buffer it has when the size matches (else a new one).
 template <class T>
-DeviceBuffer<T> upload(const std::vector<float>& host) {
-    DeviceBuffer<T> buffer(host.size());
-    if (host.empty()) return buffer;  // a tied model has no lm_head
+void put(DeviceBuffer<T>& buffer, const std::vector<float>& host) {
+    if (buffer.size() != host.size()) buffer = DeviceBuffer<T>(host.size());
+    if (host.empty()) return;  // a tied model has no lm_head
     if constexpr (std::is_same_v<T, float>) {
         buffer.upload(host);
     } else {
@@ -256,7 +277,6 @@ DeviceBuffer<T> upload(const std::vector<float>& host) {
         for (std::size_t i = 0; i < host.size(); ++i) converted[i] = __float2bfloat16(host[i]);
         buffer.upload(converted);
     }
-    return buffer;
 }
 
 }  // namespace llama_detail
@@ -271,25 +291,23 @@ public:
     explicit DeviceLlama(const LlamaHostWeights& w, LlamaOptions opt = {}) : config_(w.config), opt_(opt) {
         w.validate();
         init_stream();
-        using llama_detail::upload;
-        embed_tokens_ = upload<T>(w.embed_tokens);
-        lm_head_ = upload<T>(w.lm_head);
-        final_norm_ = upload<float>(w.final_norm);
-        for (const LlamaHostWeights::Layer& src : w.layers) {
-            LayerWeights& l = layers_.emplace_back();
-            l.attn_norm = upload<float>(src.attn_norm);
-            l.ffn_norm = upload<float>(src.ffn_norm);
-            l.qkv_proj = upload<T>(llama_detail::stacked({&src.q_proj, &src.k_proj, &src.v_proj}));
-            l.o_proj = upload<T>(src.o_proj);
-            l.gate_up_proj = upload<T>(llama_detail::stacked({&src.gate_proj, &src.up_proj}));
-            l.down_proj = upload<T>(src.down_proj);
-            const auto layer = static_cast<std::int64_t>(layers_.size()) - 1;
-            if (config_.has_experts(layer))
-                l.experts = upload_switch_weights<T>(src.router, src.expert_gate, src.expert_up, src.expert_down,
-                                                     config_.num_experts, config_.d_model, config_.d_ff,
-                                                     layer / config_.expert_interval);
-        }
-        check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (DeviceLlama weights upload)");
+        layers_.resize(w.layers.size());
+        assign_weights(w);
+        plan_gradients();
+    }
+
+    // New values of the same model's weights (after an optimizer step on the host): uploaded into the
+    // buffers the model has (Switch layers' experts are re-uploaded whole). The config must match.
+    void update_weights(const LlamaHostWeights& w) {
+        w.validate();
+        check(w.config.vocab_size == config_.vocab_size && w.config.d_model == config_.d_model &&
+                  w.config.n_layers == config_.n_layers && w.config.d_ff == config_.d_ff &&
+                  w.config.num_experts == config_.num_experts && w.config.tie_embeddings == config_.tie_embeddings &&
+                  w.config.kv_heads() == config_.kv_heads() && w.config.n_heads == config_.n_heads,
+              "DeviceLlama::update_weights: the weights' config differs from the model's (a new model needs a new "
+              "DeviceLlama)");
+        check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama::update_weights)");
+        assign_weights(w);
     }
 
     // Seeded random weights of the config's shape, drawn on the device (benchmarks: no host copy of
@@ -338,6 +356,7 @@ public:
         final_norm_ = ones(d);
         if (!c.tie_embeddings) lm_head_ = normal(V * d, 0.02f);
         check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceLlama random init)");
+        plan_gradients();
     }
 
     DeviceLlama(const DeviceLlama&) = delete;
@@ -366,6 +385,36 @@ public:
         return weight_values(false) * static_cast<std::int64_t>(sizeof(T)) +
                weight_values(true) * static_cast<std::int64_t>(sizeof(float));
     }
+
+    // The weight gradients of backward_weights(): one f32 block, each weight's part named as the CPU
+    // model's parameter (model.layers.{l}.self_attn.q_proj.weight, …) with its offset and size.
+    struct WeightGradient {
+        std::string name;
+        std::int64_t offset = 0, count = 0;
+    };
+    [[nodiscard]] std::vector<WeightGradient> weight_gradient_layout() const {
+        const std::int64_t d = config_.d_model, F = config_.d_ff, q = config_.n_heads * config_.head_dim(),
+                           kv = config_.kv_heads() * config_.head_dim();
+        std::vector<WeightGradient> out{{"model.embed_tokens.weight", grads_.embed, config_.vocab_size * d}};
+        for (std::size_t l = 0; l < grads_.layers.size(); ++l) {
+            const LayerGradients& g = grads_.layers[l];
+            const std::string p = "model.layers." + std::to_string(l) + ".";
+            out.push_back({p + "input_layernorm.weight", g.attn_norm, d});
+            out.push_back({p + "self_attn.q_proj.weight", g.qkv, q * d});
+            out.push_back({p + "self_attn.k_proj.weight", g.qkv + q * d, kv * d});
+            out.push_back({p + "self_attn.v_proj.weight", g.qkv + (q + kv) * d, kv * d});
+            out.push_back({p + "self_attn.o_proj.weight", g.o, d * q});
+            out.push_back({p + "post_attention_layernorm.weight", g.ffn_norm, d});
+            out.push_back({p + "mlp.gate_proj.weight", g.gate_up, F * d});
+            out.push_back({p + "mlp.up_proj.weight", g.gate_up + F * d, F * d});
+            out.push_back({p + "mlp.down_proj.weight", g.down, d * F});
+        }
+        out.push_back({"model.norm.weight", grads_.final_norm, d});
+        if (!config_.tie_embeddings) out.push_back({"lm_head.weight", grads_.lm_head, config_.vocab_size * d});
+        return out;
+    }
+    // Values in the weight-gradient block.
+    [[nodiscard]] std::int64_t weight_gradient_values() const { return grads_.total; }
 
     // Allocates the activations of `s` (nothing when s is the shape already reserved).
     void reserve(const LlamaRunShape& s) {
@@ -642,46 +691,78 @@ public:
     // f32 [trainable_values(d)], overwritten. Consumes what the forward saved (the gate and up buffers
     // become their gradients), so each train forward allows one backward.
     void enqueue_backward_to_prompt(float* dparams) {
-        check(saved_for_backward_, "DeviceLlama::backward_to_prompt: needs a ForwardMode::train forward first (",
-              last_mode_ == ForwardMode::train ? "its saved activations were used by an earlier backward"
-                                               : "the last forward did not save activations",
-              ")");
         check(shape_.prompt_len > 0 && dparams != nullptr,
               "DeviceLlama::backward_to_prompt: the reserved shape has no prompt rows (K = ", shape_.prompt_len,
               ") or dprompt is null");
+        enqueue_backward(dparams, nullptr);
+    }
+    // d loss / d every weight of the last train- or keep-mode forward (pretraining), enqueued on
+    // stream(): dweights: device f32 [weight_gradient_values()], overwritten, laid out as
+    // weight_gradient_layout() says. Dense models without a prompt (K = 0); one backward per forward.
+    void enqueue_backward_weights(float* dweights) {
+        check(dweights != nullptr, "DeviceLlama::backward_weights: the gradient block is null");
+        check(shape_.prompt_len == 0, "DeviceLlama::backward_weights: the reserved shape has ", shape_.prompt_len,
+              " prompt rows; weight gradients run for the model alone (pretraining)");
+        check(config_.num_experts == 0, "DeviceLlama::backward_weights: the model has Switch layers (",
+              config_.num_experts, " experts); expert and router weight gradients do not run on the GPU yet");
+        enqueue_backward(nullptr, dweights);
+    }
+
+private:
+    // The backward to the prompt (dparams), or to every weight (dweights), or both.
+    void enqueue_backward(float* dparams, float* dweights) {
+        check(saved_for_backward_, "DeviceLlama::backward: needs a ForwardMode::train or keep forward first (",
+              last_mode_ == ForwardMode::train || last_mode_ == ForwardMode::keep
+                  ? "its saved activations were used by an earlier backward"
+                  : "the last forward did not save activations",
+              ")");
         saved_for_backward_ = false;
         Activations& a = acts_;
         const std::int64_t B = shape_.batch, S = shape_.positions(), text = shape_.seq, K = shape_.prompt_len;
         const std::int64_t N = shape_.rows(), d = config_.d_model, F = config_.d_ff, V = config_.vocab_size;
         const std::int64_t H = config_.n_heads, Hkv = config_.kv_heads(), Dh = config_.head_dim();
         const std::int64_t L = shape_.inject_layer, last = config_.n_layers - 1;
+        const float eps = config_.norm_eps;
+        float* const dw = dweights;  // nullptr: the weights are frozen
+        auto at = [dw](std::int64_t offset) { return dw ? dw + offset : nullptr; };
 
         // Head: d norm(x_L)[b, K + p₁:S] = dlogits[b] W, [T, V] -> [T, d] (the other rows stay 0)
         gemm_strided_batched(head_args(true, text, d, V, a.logits.data(), V, head_weight(), d,
                                        a.d_final_normed.data() + shape_.text_offset() * d, d),
                              {.count = B, .stride_a = text * V, .stride_b = 0, .stride_c = S * d});
+        // d W_head = dlogitsᵀ norm(x_L), [V, N] [N, d] (K = 0: every row is text; tied: the embedding's block)
+        if (dw) weight_grad(a.logits.data(), a.final_normed.data(), at(config_.tie_embeddings ? grads_.embed : grads_.lm_head), N, V, d);
         T* dx = a.d_residual.data();  // d loss / d x, the residual stream's gradient, from x_L down to block L_int's input
         rms_norm_backward(a.residual[layers_.size()].data(), final_norm_.data(), a.rstd_final.data(),
-                          a.d_final_normed.data(), dx, nullptr, N, d, stream_);
+                          a.d_final_normed.data(), dx, at(grads_.final_norm), N, d, stream_);
 
         const AttentionShape attn{.batch = B, .seq_q = S, .seq_k = S, .heads = H, .kv_heads = Hkv, .head_dim = Dh};
         for (std::int64_t layer = last; layer >= L; --layer) {  // nothing below L_int is trainable
             const auto l = static_cast<std::size_t>(layer);
             const LayerWeights& w = layers_[l];
             LayerActivations& la = a.layer[l];
+            const LayerGradients& gl = grads_.layers[l];
             // Feed-forward half, x' = x_mid + down(swiglu(gate, up)): dx_mid = dx' + normᵀ(d gate Wg + d up Wu)
             if (w.experts.routed()) {  // Switch layer: d norm(x_mid) through the experts and the router
                 switch_of(layer).backward(switch_index(layer), w.experts.view(), dx, a.d_normed.data(),
                                           opt_.aux_loss_weight);
             } else {
+                if (dw) {  // recompute norm(x_mid) and h = silu(gate) ⊙ up; d W_down = dx'ᵀ h, [d, N] [N, F]
+                    rms_norm_forward(la.x_mid.data(), w.ffn_norm.data(), a.normed.data(), la.rstd_ffn.data(), N, d,
+                                     eps, stream_);
+                    swiglu_forward_packed(la.gate_up.data(), a.ffn_hidden.data(), N, F, stream_);
+                    weight_grad(dx, a.ffn_hidden.data(), at(gl.down), N, d, F);
+                }
                 linear_dgrad(dx, w.down_proj.data(), a.d_ffn_hidden.data(), N, F, d);  // [N, d] -> [N, F]
                 // in place: gate_up now holds d gate | d up, and one GEMM against [Wg; Wu] gives d norm
                 swiglu_backward_packed(la.gate_up.data(), a.d_ffn_hidden.data(), la.gate_up.data(), N, F, stream_);
+                if (dw) weight_grad(la.gate_up.data(), a.normed.data(), at(gl.gate_up), N, 2 * F, d);  // [2F, d]
                 linear_dgrad(la.gate_up.data(), w.gate_up_proj.data(), a.d_normed.data(), N, d, 2 * F);  // [N, 2F] -> [N, d]
             }
             rms_norm_backward_accumulate(la.x_mid.data(), w.ffn_norm.data(), la.rstd_ffn.data(), a.d_normed.data(), dx,
-                                         N, d, stream_);
+                                         N, d, stream_, at(gl.ffn_norm));
             // Attention half, x_mid = x + o_proj(attn): dx = dx_mid + normᵀ(dq Wq + dk Wk + dv Wv)
+            if (dw) weight_grad(dx, la.attn_out.data(), at(gl.o), N, d, H * Dh);  // d W_o = dx_midᵀ attn, [d, H·Dh]
             linear_dgrad(dx, w.o_proj.data(), a.d_attn_out.data(), N, H * Dh, d);  // [N, d] -> [B, S, H, Dh]
             const Qkv<T> qkv = split_qkv(la.qkv.data(), N);
             const Qkv<T> dqkv = split_qkv(a.dqkv.data(), N);
@@ -692,16 +773,33 @@ public:
             rope_qk(dqkv, true, layer);
             const T* wqkv = w.qkv_proj.data();
             const std::int64_t q = H * Dh, kv = Hkv * Dh;
+            if (dw) {  // recompute norm(x); d W_{q,k,v} = d{q,k,v}ᵀ norm(x) into the stacked [q + 2kv, d] block
+                rms_norm_forward(block_input(layer), w.attn_norm.data(), a.normed.data(), la.rstd_attn.data(), N, d,
+                                 eps, stream_);
+                weight_grad(dqkv.q, a.normed.data(), at(gl.qkv), N, q, d);
+                weight_grad(dqkv.k, a.normed.data(), at(gl.qkv + q * d), N, kv, d);
+                weight_grad(dqkv.v, a.normed.data(), at(gl.qkv + (q + kv) * d), N, kv, d);
+            }
             linear_dgrad(dqkv.q, wqkv, a.d_normed.data(), N, d, q);  // [N, H·Dh] -> [N, d]
             linear_dgrad(dqkv.k, wqkv + q * d, a.d_normed.data(), N, d, kv, 1.0f);
             linear_dgrad(dqkv.v, wqkv + (q + kv) * d, a.d_normed.data(), N, d, kv, 1.0f);
             rms_norm_backward_accumulate(block_input(layer), w.attn_norm.data(), la.rstd_attn.data(),
-                                         a.d_normed.data(), dx, N, d, stream_);
+                                         a.d_normed.data(), dx, N, d, stream_, at(gl.attn_norm));
             // MoP: through the scaling of the experts' rows at this block's input (dg summed over the blocks)
             if (shape_.experts > 0)
                 scale_prompt_rows_backward(dx, la.prompt_in.data(), a.gate.data(), a.d_gate.data(), layer != last,
                                            gate_shape(), S, stream_);
         }
+        if (dw) {  // dE[ids[r]] += dx₀[r] (tied: onto the head's gradient already in the block)
+            float* dtable = dw + grads_.embed;
+            if (!config_.tie_embeddings)
+                check_cuda(cudaMemsetAsync(dtable, 0, static_cast<std::size_t>(V * d) * sizeof(float), stream_),
+                           "cudaMemsetAsync (DeviceLlama embedding gradient)");
+            llama_detail::embedding_backward_kernel<<<elementwise_blocks(N * d), elementwise_threads, 0, stream_>>>(
+                a.tokens.data(), dx, dtable, N, static_cast<int>(d));
+            check_launch("DeviceLlama embedding gradient", "[", N, ", ", d, "]");
+        }
+        if (dparams == nullptr) return;
         // dP = Σ_b dx[b, 0:K] at block L_int's input
         llama_detail::prompt_gradient_kernel<<<elementwise_blocks(K * d), elementwise_threads, 0, stream_>>>(
             dx, dparams, static_cast<int>(B), S * d, K * d);
@@ -713,6 +811,7 @@ public:
         }
     }
 
+public:
     // Blocking conveniences (tests, evaluation loops) over the enqueue_* calls.
     // ids, targets: [B, T] (shape reserved) -> the mean loss (read back when read_loss, else NaN; it
     // stays on the device in loss_device()).
@@ -833,6 +932,62 @@ private:
         llama_detail::PinnedArray<std::int32_t> staging[2];  // host [2, B, T] upload slots
     };
 
+    // Offsets of each weight's gradient in the block of backward_weights (plan_gradients).
+    struct LayerGradients {
+        std::int64_t attn_norm = 0, qkv = 0, o = 0, ffn_norm = 0, gate_up = 0, down = 0;
+    };
+    struct GradientLayout {
+        std::int64_t embed = 0, final_norm = 0, lm_head = 0, total = 0;
+        std::vector<LayerGradients> layers;
+    };
+    // The block's order: embedding, then per layer attn_norm, q|k|v, o, ffn_norm, gate|up, down (as
+    // the device stores them), then the final norm and the head.
+    void plan_gradients() {
+        const std::int64_t d = config_.d_model, F = config_.d_ff, q = config_.n_heads * config_.head_dim(),
+                           kv = config_.kv_heads() * config_.head_dim();
+        std::int64_t next = 0;
+        auto take = [&](std::int64_t n) { return std::exchange(next, next + n); };
+        grads_ = {};
+        grads_.embed = take(config_.vocab_size * d);
+        for (std::int64_t l = 0; l < config_.n_layers; ++l) {
+            LayerGradients& g = grads_.layers.emplace_back();
+            const bool dense = !config_.has_experts(l);  // Switch layers: no weight gradients yet
+            g.attn_norm = take(d);
+            g.qkv = take((q + 2 * kv) * d);
+            g.o = take(d * q);
+            g.ffn_norm = take(d);
+            g.gate_up = take(dense ? 2 * F * d : 0);
+            g.down = take(dense ? d * F : 0);
+        }
+        grads_.final_norm = take(d);
+        grads_.lm_head = take(config_.tie_embeddings ? 0 : config_.vocab_size * d);
+        grads_.total = next;
+    }
+
+    // The weights from the host (constructor, update_weights): rounded to T; q|k|v and gate|up stacked.
+    void assign_weights(const LlamaHostWeights& w) {
+        using llama_detail::put;
+        put(embed_tokens_, w.embed_tokens);
+        put(lm_head_, w.lm_head);
+        put(final_norm_, w.final_norm);
+        for (std::size_t i = 0; i < w.layers.size(); ++i) {
+            const LlamaHostWeights::Layer& src = w.layers[i];
+            LayerWeights& l = layers_[i];
+            put(l.attn_norm, src.attn_norm);
+            put(l.ffn_norm, src.ffn_norm);
+            put(l.qkv_proj, llama_detail::stacked({&src.q_proj, &src.k_proj, &src.v_proj}));
+            put(l.o_proj, src.o_proj);
+            put(l.gate_up_proj, llama_detail::stacked({&src.gate_proj, &src.up_proj}));
+            put(l.down_proj, src.down_proj);
+            const auto layer = static_cast<std::int64_t>(i);
+            if (config_.has_experts(layer))
+                l.experts = upload_switch_weights<T>(src.router, src.expert_gate, src.expert_up, src.expert_down,
+                                                     config_.num_experts, config_.d_model, config_.d_ff,
+                                                     layer / config_.expert_interval);
+        }
+        check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (DeviceLlama weights upload)");
+    }
+
     void init_stream() {
         check(config_.head_dim() == 32 || config_.head_dim() == 64 || config_.head_dim() == 128,
               "DeviceLlama: head_dim = d_model / n_heads = ", config_.head_dim(),
@@ -883,6 +1038,12 @@ private:
                       float beta = 0.0f) const {
         gemm({.trans_a = false, .trans_b = false, .m = rows, .n = in, .k = out, .alpha = 1.0f, .beta = beta, .a = dy,
               .lda = out, .b = w, .ldb = in, .c = dx, .ldc = in, .ab_type = dtype, .c_type = dtype,
+              .compute = compute(), .stream = stream_});
+    }
+    // dw = dyᵀ x (f32): the weight gradient of y = x wᵀ. dy: [rows, out], x: [rows, in] -> dw: f32 [out, in]
+    void weight_grad(const T* dy, const T* x, float* dw, std::int64_t rows, std::int64_t out, std::int64_t in) const {
+        gemm({.trans_a = true, .trans_b = false, .m = out, .n = in, .k = rows, .alpha = 1.0f, .beta = 0.0f, .a = dy,
+              .lda = out, .b = x, .ldb = in, .c = dw, .ldc = in, .ab_type = dtype, .c_type = DType::f32,
               .compute = compute(), .stream = stream_});
     }
     // q, k, v planes of a [rows, H·Dh + 2·Hkv·Dh] planar buffer (q's plane, then k's, then v's).
@@ -974,6 +1135,7 @@ private:
     DeviceBuffer<T> embed_tokens_, lm_head_;  // [vocab, d]; lm_head empty when tied
     DeviceBuffer<float> final_norm_;          // [d]
     std::vector<LayerWeights> layers_;
+    GradientLayout grads_;
     LlamaRunShape shape_{};
     Activations acts_;
     std::uint64_t generation_ = 0;

@@ -283,11 +283,12 @@ void rms_norm_backward(const T* x, const float* weight, const float* rstd, const
 }
 
 // dx += the input gradient (the residual stream's gradient gathers the norm's branch in the same
-// pass). dx must not alias dy.
+// pass). dx must not alias dy. dweight (nullptr: not wanted) is overwritten.
 template <DeviceFloat T>
 void rms_norm_backward_accumulate(const T* x, const float* weight, const float* rstd, const T* dy, T* dx,
-                                  std::int64_t rows, std::int64_t d, cudaStream_t stream = nullptr) {
-    norm_detail::norm_backward<T, false>("rms_norm_backward_accumulate", x, weight, nullptr, rstd, dy, dx, nullptr,
+                                  std::int64_t rows, std::int64_t d, cudaStream_t stream = nullptr,
+                                  float* dweight = nullptr) {
+    norm_detail::norm_backward<T, false>("rms_norm_backward_accumulate", x, weight, nullptr, rstd, dy, dx, dweight,
                                          nullptr, rows, d, stream, true);
 }
 

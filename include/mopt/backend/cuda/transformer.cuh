@@ -23,17 +23,25 @@
 //   MixtureOfPrompts: gate and gate_logits are nodes too (gate pretraining's cross-entropy on
 //       gate_logits reaches W₁ and W₂ through a host backward of the small gate MLP);
 //   decoding with a KV cache (eval::generate) runs on the host copy: the device has no KV cache yet.
-// Only prompts train here: a forward that would need a weight gradient (a trainable model weight
-// with gradients on) is an error, as is a model the GPU kernels do not take (head_dim 32/64/128).
+// Pretraining: when model weights are trainable (and no prompt is), the node's backward runs the
+// device backward to every weight (DeviceLlama::enqueue_backward_weights) and adds each weight's
+// gradient into its parameter's grad(); the optimizer (train::AdamW, clipping) steps on the host
+// copy, and the next forward uploads the changed weights into the device buffers. So
+// examples/pretrain runs unchanged (pretrain_gpu). Dense models only: Switch layers' expert and
+// router gradients do not run on the GPU yet (refused, as are trainable weights beside a learned
+// prompt). A model the GPU kernels do not take (head_dim 32/64/128) is refused too.
 //
 // Cost against a fully device-resident step (PromptTuner): each training forward copies the logits
 // to the host and d logits back (B·T·vocab floats each way) and synchronises; for small vocabularies
-// this is little, for 32000-token ones it is the price of sharing the CPU's loops.
+// this is little, for 32000-token ones it is the price of sharing the CPU's loops. Pretraining adds
+// a download of the weight gradients and an upload of the weights per step, and the host's AdamW.
 #include <cuda_bf16.h>
 
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <string>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -101,9 +109,13 @@ public:
         check(ids.dim(1) > 0, "Transformer::forward: empty sequence (ids of shape ", ids.shape(), ")");
         check(opt.targets == nullptr || (opt.targets->shape() == ids.shape() && opt.targets->dtype() == DType::i32),
               "Transformer::forward: targets must be i32 of the ids' shape ", ids.shape());
-        check_frozen();
+        const bool weights = trainable_weights();
         sync_device();
         backend::cuda::DeviceLlama<DeviceT>& dev = *device_;
+        if (weights_dirty_) {  // an optimizer stepped on the host weights since they were uploaded
+            dev.update_weights(backend::cuda::llama_host_weights(static_cast<Base&>(*this)));
+            weights_dirty_ = false;
+        }
         const std::int64_t B = ids.dim(0), T = ids.dim(1), V = this->config().vocab_size;
         const backend::cuda::LlamaRunShape shape = run_shape(B, T);
         dev.reserve(shape);
@@ -134,7 +146,7 @@ public:
             }
         }
 
-        bool train = false;
+        bool train = weights;
         if (autodiff::grad_enabled())
             for (autodiff::Parameter* p : params) train = train || p->trainable();
         dev.set_batch(ids.span<std::int32_t>(), {});
@@ -146,6 +158,10 @@ public:
         ForwardOutput out;
         std::vector<autodiff::Var> inputs;
         for (autodiff::Parameter* p : params) inputs.push_back(tape.parameter(*p));
+        // Pretraining: one trainable weight stands for all as the node's input (so its backward runs);
+        // the backward adds every weight's gradient into its parameter directly.
+        if (weights) inputs.push_back(tape.parameter(*first_trainable_));
+        training_weights_ = weights;
         aux_grad_ = 0.0f;
         if (train) {
             out.logits = record(tape, "cuda_forward", logits, inputs, &logits_backward);
@@ -160,20 +176,32 @@ public:
     }
 
 private:
-    // The model's weights must be frozen wherever gradients flow: the GPU computes prompt gradients only.
-    void check_frozen() {
-        if (!autodiff::grad_enabled()) return;
-        Base::visit_parameters([](autodiff::Parameter& p) {
-            check(!p.trainable(), "Transformer<…, ", BackendType::name, ">: model parameter '", p.name(),
-                  "' is trainable; this backend trains prompts only (freeze the model with set_trainable(false), "
-                  "or train it on backend::Cpu)");
+    // Whether this forward trains model weights (gradients on, a model parameter trainable): allowed
+    // for a dense model without a learned prompt (pretraining); weights beside a prompt, or a Switch
+    // model's, are refused naming the parameter.
+    bool trainable_weights() {
+        first_trainable_ = nullptr;
+        if (!autodiff::grad_enabled()) return false;
+        Base::visit_parameters([&](autodiff::Parameter& p) {
+            if (p.trainable() && first_trainable_ == nullptr) first_trainable_ = &p;
         });
+        if (first_trainable_ == nullptr) return false;
+        const std::string& name = first_trainable_->name();
+        check(run_shape(1, 1).prompt_len == 0, "Transformer<…, ", BackendType::name, ">: model parameter '", name,
+              "' is trainable beside a learned prompt; this backend trains either the prompt of a frozen model "
+              "(freeze it with set_trainable(false)) or the weights of a model without a prompt (pretraining)");
+        check(!FFNT::has_experts, "Transformer<…, ", BackendType::name, ">: model parameter '", name,
+              "' is trainable in a Switch model; expert and router weight gradients do not run on the GPU yet "
+              "(pretrain Switch models on backend::Cpu)");
+        return true;
     }
 
     void sync_device() {
         if (device_ && !stale_) return;
         block_ = {};  // arrays of the old model's stream go back first, then the model and its stream
         block_grad_ = {};
+        weight_grad_ = {};
+        weights_dirty_ = false;  // the new device copy is built from the host weights as they are
         device_.reset();
         const backend::cuda::LlamaHostWeights w = backend::cuda::llama_host_weights(static_cast<Base&>(*this));
         const backend::cuda::LlamaOptions o{.compute = backend::cuda::GemmCompute::f32};
@@ -239,6 +267,7 @@ private:
         Transformer& m = self(n);
         backend::cuda::DeviceLlama<DeviceT>& dev = *m.device_;
         dev.set_logits_gradient(n.grad.span());
+        if (m.training_weights_) return m.weight_gradients();
         dev.set_aux_loss_weight(m.aux_grad_);
         dev.enqueue_backward_to_prompt(m.block_grad_.data());
         backend::cuda::check_cuda(cudaStreamSynchronize(dev.stream()), "cudaStreamSynchronize (Transformer<Cuda> backward)");
@@ -253,6 +282,30 @@ private:
             }
             at += static_cast<std::size_t>(count);
         }
+    }
+
+    // Pretraining: d loss / d every weight on the device, added into the trainable parameters' grad().
+    void weight_gradients() {
+        backend::cuda::DeviceLlama<DeviceT>& dev = *device_;
+        const auto values = static_cast<std::size_t>(dev.weight_gradient_values());
+        if (weight_grad_.size() != values) weight_grad_ = backend::cuda::DeviceArray<float>(values, dev.stream());
+        dev.enqueue_backward_weights(weight_grad_.data());
+        backend::cuda::check_cuda(cudaStreamSynchronize(dev.stream()),
+                                  "cudaStreamSynchronize (Transformer<Cuda> weight backward)");
+        std::vector<float> g(values);
+        weight_grad_.download(g);
+        std::map<std::string, autodiff::Parameter*, std::less<>> by_name;
+        Base::visit_parameters([&](autodiff::Parameter& p) { by_name[p.name()] = &p; });
+        for (const auto& slot : dev.weight_gradient_layout()) {
+            const auto it = by_name.find(slot.name);
+            check(it != by_name.end() && it->second->numel() == slot.count, "Transformer<Cuda>: the device's gradient '",
+                  slot.name, "' has no host parameter of ", slot.count, " values");
+            if (!it->second->trainable()) continue;
+            float* dst = it->second->grad().f32();
+            const float* src = g.data() + slot.offset;
+            for (std::int64_t i = 0; i < slot.count; ++i) dst[i] += src[i];
+        }
+        weights_dirty_ = true;  // the optimizer steps next: upload the weights before the next forward
     }
 
     // Switch layers: routing statistics of every layer; in training the auxiliary loss of the layers
@@ -343,6 +396,10 @@ private:
 
     std::unique_ptr<backend::cuda::DeviceLlama<DeviceT>> device_;
     bool stale_ = true;
+    bool weights_dirty_ = false;      // weight gradients were handed out: the host weights may have moved
+    bool training_weights_ = false;   // the last forward's node trains the weights (pretraining)
+    autodiff::Parameter* first_trainable_ = nullptr;
+    backend::cuda::DeviceArray<float> weight_grad_;  // [DeviceLlama::weight_gradient_values()]
     backend::cuda::DeviceArray<float> block_, block_grad_;  // [prompt | W₁ | W₂] and its gradient
     float aux_grad_ = 0.0f;                                 // d objective / d aux_loss of the last forward
     typename backend::cuda::DeviceLlama<DeviceT>::GateState gate_state_;
