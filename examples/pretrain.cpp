@@ -251,7 +251,7 @@ int pretrain(const Options& o, Data& d) {
         opt_plain.options().lr = lr;
         tape.reset();
         train_batches.next_wrapping(batch);
-        nn::ForwardOutput f = model.forward(tape, batch.ids, {.targets = &batch.targets});
+        nn::ForwardOutput f = model.forward(tape, batch.ids, {.targets = &batch.targets, .logits = false});
         const float loss = f.loss.item();
         const float aux = f.aux_loss.defined() ? f.aux_loss.item() : 0.0f;
         check(std::isfinite(loss) && std::isfinite(aux), "step ", step + 1, ": the loss is ", loss, " (aux ", aux,

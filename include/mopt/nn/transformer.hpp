@@ -51,6 +51,9 @@ namespace mopt::nn {
 struct ForwardOptions {
     const Tensor* targets = nullptr;  // i32 [B, T]: next-token targets (-100 = not predicted)
     KVCache* cache = nullptr;         // decoding: earlier positions' keys and values (under NoGrad)
+    bool logits = true;               // false: the caller reads the loss only, and a backend may leave
+                                      // ForwardOutput::logits undefined (backend::Cuda's pretraining then
+                                      // computes the loss on the device and never copies the logits)
 };
 
 // What a forward pass returns.

@@ -120,8 +120,18 @@ void check_pair(Pair<FFN, Prompt>& m, const train::PromptStepOptions& o, int ste
 // gradient of every parameter, then three steps of clipped AdamW with weight decay (the host's
 // optimizer; the device takes the moved weights at the next forward): losses, gradient norms and
 // final weights agree with the CPU model's, and so do the evaluation logits after the last step.
+// Tolerances: f32 1e-4 on losses, gradients, norms and logits (the CPU's arithmetic up to summation
+// order); weights after AdamW 1e-3 (Adam divides each gradient by its own running scale, so
+// coordinates whose gradient is near zero move by about lr whatever their sign noise: 1.03e-4 was
+// measured). bf16: llama.cu's 3e-2 on tensors (activations and their gradients stored in bf16; the
+// embedding's gradient, at the end of the chain, measured 1.24e-2), 5e-3 on losses and norms (the
+// GPU's weights are the CPU's f32 masters rounded to bf16 after every step).
+struct PretrainTolerance {
+    double scalar, gradient, weights;
+};
+
 template <class Gpu>
-void check_pretraining(const nn::ModelConfig& c, double tol, const char* what) {
+void check_pretraining(const nn::ModelConfig& c, PretrainTolerance tol, const char* what) {
     const bool bf16 = Gpu::storage == DType::bf16;
     Model<Dense, prompt::None, backend::Cpu> cpu(c, 5);
     Model<Dense, prompt::None, Gpu> gpu(c, 5);
@@ -137,8 +147,10 @@ void check_pretraining(const nn::ModelConfig& c, double tol, const char* what) {
         const data::Batch b = batch_of(c.vocab_size, 40 + static_cast<std::uint64_t>(step), 1);
         autodiff::Tape tc, tg;
         const nn::ForwardOutput fc = cpu.forward(tc, b.ids, {.targets = &b.targets});
-        const nn::ForwardOutput fg = gpu.forward(tg, b.ids, {.targets = &b.targets});
-        CUDA_CHECK(scalar_error(fg.loss.item(), fc.loss.item()) <= tol, what, " step ", step, ": loss ",
+        // step 0: the loss on the tape from the logits; then (pretrain's way) on the device, no logits
+        const nn::ForwardOutput fg = gpu.forward(tg, b.ids, {.targets = &b.targets, .logits = step == 0});
+        CUDA_CHECK(fg.logits.defined() == (step == 0), what, " step ", step, ": logits defined ", fg.logits.defined());
+        CUDA_CHECK(scalar_error(fg.loss.item(), fc.loss.item()) <= tol.scalar, what, " step ", step, ": loss ",
                    fg.loss.item(), " vs CPU ", fc.loss.item());
         tc.backward(fc.loss);
         tg.backward(fg.loss);
@@ -146,35 +158,40 @@ void check_pretraining(const nn::ModelConfig& c, double tol, const char* what) {
             for (std::size_t i = 0; i < pc.size(); ++i) {
                 const double e = cuda_test::relative_error(pg[i]->grad().span(), pc[i]->grad().span());
                 worst_grad = std::max(worst_grad, e);
-                CUDA_CHECK(e <= tol, what, ": gradient of ", pc[i]->name(), " off by ", e, " > ", tol);
+                CUDA_CHECK(e <= tol.gradient, what, ": gradient of ", pc[i]->name(), " off by ", e, " > ", tol.gradient);
             }
         const double nc = train::clip_grad_norm(pc, 1.0), ng = train::clip_grad_norm(pg, 1.0);
-        CUDA_CHECK(scalar_error(ng, nc) <= tol, what, " step ", step, ": gradient norm ", ng, " vs CPU ", nc);
+        CUDA_CHECK(scalar_error(ng, nc) <= tol.scalar, what, " step ", step, ": gradient norm ", ng, " vs CPU ", nc);
         oc.step();
         og.step();
     }
-    for (std::size_t i = 0; i < pc.size(); ++i)
-        CUDA_CHECK_CLOSE(values(*pg[i]), values(*pc[i]), tol, pc[i]->name() + " after three steps");
+    double worst_weight = 0.0;
+    for (std::size_t i = 0; i < pc.size(); ++i) {
+        const double e = cuda_test::relative_error(pg[i]->value().span(), pc[i]->value().span());
+        worst_weight = std::max(worst_weight, e);
+        CUDA_CHECK(e <= tol.weights, what, ": ", pc[i]->name(), " after three steps off by ", e, " > ", tol.weights);
+    }
     autodiff::NoGrad no_grad;
     autodiff::Tape tc, tg;
     const data::Batch b = batch_of(c.vocab_size, 50, 1);
     CUDA_CHECK_CLOSE(gpu.forward(tg, b.ids).logits.value().span(), cpu.forward(tc, b.ids).logits.value().span(),
-                     tol, std::string(what) + ": evaluation logits after training");
-    std::printf("    %s: worst first-step gradient error %.2e (tolerance %.0e)\n", what, worst_grad, tol);
+                     tol.gradient, std::string(what) + ": evaluation logits after training");
+    std::printf("    %s: worst first-step gradient error %.2e, weights after three steps %.2e\n", what, worst_grad,
+                worst_weight);
 }
 
 }  // namespace
 
 MOPT_CUDA_TEST(transformer_cuda_pretraining_matches_cpu) {
-    check_pretraining<backend::Cuda>(config_of(false), 1e-4, "f32, GQA, own head");
+    check_pretraining<backend::Cuda>(config_of(false), {1e-4, 1e-4, 1e-3}, "f32, GQA, own head");
     nn::ModelConfig tied = config_of(false);
     tied.tie_embeddings = true;
     tied.n_kv_heads = 0;
-    check_pretraining<backend::Cuda>(tied, 1e-4, "f32, tied embeddings");
+    check_pretraining<backend::Cuda>(tied, {1e-4, 1e-4, 1e-3}, "f32, tied embeddings");
 }
 
 MOPT_CUDA_TEST(transformer_cuda_bf16_pretraining_close_to_cpu) {
-    check_pretraining<backend::CudaBf16>(config_of(false), 1e-2, "bf16");
+    check_pretraining<backend::CudaBf16>(config_of(false), {5e-3, 3e-2, 3e-2}, "bf16");
 }
 
 MOPT_CUDA_TEST(transformer_cuda_soft_prompt_matches_cpu) {

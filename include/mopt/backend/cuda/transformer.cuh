@@ -27,7 +27,8 @@
 // device backward to every weight (DeviceLlama::enqueue_backward_weights) and adds each weight's
 // gradient into its parameter's grad(); the optimizer (train::AdamW, clipping) steps on the host
 // copy, and the next forward uploads the changed weights into the device buffers. So
-// examples/pretrain runs unchanged (pretrain_gpu). Dense models only: Switch layers' expert and
+// examples/pretrain runs unchanged (pretrain_gpu). A forward with targets and ForwardOptions::logits =
+// false (pretrain's) computes the loss on the device: no logits cross to the host. Dense models only: Switch layers' expert and
 // router gradients do not run on the GPU yet (refused, as are trainable weights beside a learned
 // prompt). A model the GPU kernels do not take (head_dim 32/64/128) is refused too.
 //
@@ -146,6 +147,8 @@ public:
             }
         }
 
+        training_weights_ = weights;
+        if (weights && opt.targets != nullptr && !opt.logits) return device_loss(tape, ids, *opt.targets);
         bool train = weights;
         if (autodiff::grad_enabled())
             for (autodiff::Parameter* p : params) train = train || p->trainable();
@@ -161,7 +164,6 @@ public:
         // Pretraining: one trainable weight stands for all as the node's input (so its backward runs);
         // the backward adds every weight's gradient into its parameter directly.
         if (weights) inputs.push_back(tape.parameter(*first_trainable_));
-        training_weights_ = weights;
         aux_grad_ = 0.0f;
         if (train) {
             out.logits = record(tape, "cuda_forward", logits, inputs, &logits_backward);
@@ -267,7 +269,7 @@ private:
         Transformer& m = self(n);
         backend::cuda::DeviceLlama<DeviceT>& dev = *m.device_;
         dev.set_logits_gradient(n.grad.span());
-        if (m.training_weights_) return m.weight_gradients();
+        if (m.training_weights_) return m.weight_gradients(1.0f);
         dev.set_aux_loss_weight(m.aux_grad_);
         dev.enqueue_backward_to_prompt(m.block_grad_.data());
         backend::cuda::check_cuda(cudaStreamSynchronize(dev.stream()), "cudaStreamSynchronize (Transformer<Cuda> backward)");
@@ -284,8 +286,23 @@ private:
         }
     }
 
-    // Pretraining: d loss / d every weight on the device, added into the trainable parameters' grad().
-    void weight_gradients() {
+    // Pretraining with ForwardOptions::logits = false: the loss (and d loss / d logits, in place) on
+    // the device; only the scalar comes back. Its node's backward runs the device backward to the weights.
+    ForwardOutput device_loss(autodiff::Tape& tape, const Tensor& ids, const Tensor& targets) {
+        backend::cuda::DeviceLlama<DeviceT>& dev = *device_;
+        dev.set_batch(ids.span<std::int32_t>(), targets.span<std::int32_t>());
+        dev.enqueue_forward(nullptr, backend::cuda::ForwardMode::train);
+        Tensor v = tape.alloc({});
+        v.f32()[0] = dev.loss();
+        ForwardOutput out;
+        out.loss = record(tape, "cuda_loss", v, {tape.parameter(*first_trainable_)}, &loss_backward);
+        return out;
+    }
+    // d objective / d loss scales every weight gradient (they are linear in it).
+    static void loss_backward(autodiff::Tape&, autodiff::Node& n) { self(n).weight_gradients(n.grad.f32()[0]); }
+
+    // Pretraining: scale × d loss / d every weight on the device, added into the trainable parameters' grad().
+    void weight_gradients(float scale) {
         backend::cuda::DeviceLlama<DeviceT>& dev = *device_;
         const auto values = static_cast<std::size_t>(dev.weight_gradient_values());
         if (weight_grad_.size() != values) weight_grad_ = backend::cuda::DeviceArray<float>(values, dev.stream());
@@ -303,7 +320,7 @@ private:
             if (!it->second->trainable()) continue;
             float* dst = it->second->grad().f32();
             const float* src = g.data() + slot.offset;
-            for (std::int64_t i = 0; i < slot.count; ++i) dst[i] += src[i];
+            for (std::int64_t i = 0; i < slot.count; ++i) dst[i] += scale * src[i];
         }
         weights_dirty_ = true;  // the optimizer steps next: upload the weights before the next forward
     }
