@@ -258,9 +258,8 @@ int pretrain(const Options& o, Data& d) {
               ") at learning rate ", lr, "; lower --lr or lengthen --warmup — rerunning resumes from the last "
               "checkpoint in ", ckpt_dir.string());
         tape.backward(f.aux_loss.defined() ? autodiff::add(f.loss, f.aux_loss) : f.loss);
-        const double norm = train::clip_grad_norm(all, o.clip);
-        opt_decay.step();
-        opt_plain.step();
+        // clip by global norm, then both AdamWs (backend::Cuda: on the GPU, weights and moments stay there)
+        const double norm = train::step(model, o.clip, opt_decay, opt_plain);
         ++step;
         const auto now = std::chrono::steady_clock::now();
         const double tok_s = static_cast<double>(batch.ids.numel()) / std::chrono::duration<double>(now - last).count();
@@ -356,7 +355,7 @@ int main(int argc, char** argv) {
             ("warmup", po::value(&o.warmup)->default_value(o.warmup), "linear warmup steps")
             ("min-lr-ratio", po::value(&o.min_lr_ratio)->default_value(o.min_lr_ratio), "final lr / peak lr (cosine)")
             ("weight-decay", po::value(&o.weight_decay)->default_value(o.weight_decay), "AdamW decay of matrices")
-            ("clip", po::value(&o.clip)->default_value(o.clip), "gradient clipping by global norm")
+            ("clip", po::value(&o.clip)->default_value(o.clip), "gradient clipping by global norm (0: none)")
             ("eval-every", po::value(&o.eval_every)->default_value(o.eval_every), "steps between validations")
             ("eval-batches", po::value(&o.eval_batches)->default_value(o.eval_batches),
              "validation batches per check (0 = the whole split)")
@@ -381,6 +380,7 @@ int main(int argc, char** argv) {
                                {o.log_every, "--log-every"}})
             usage_check(v > 0, flag, " must be positive, got ", v);
         usage_check(o.lr > 0.0f && std::isfinite(o.lr), "--lr must be positive, got ", o.lr);
+        usage_check(o.clip >= 0.0f && std::isfinite(o.clip), "--clip must be >= 0 (0: no clipping), got ", o.clip);
         usage_check(o.warmup >= 0 && o.warmup <= o.steps, "--warmup ", o.warmup, " must lie in [0, --steps]");
         usage_check(o.save_dtype == "bf16" || o.save_dtype == "f16" || o.save_dtype == "f32",
                     "--save-dtype must be bf16, f16 or f32, got '", o.save_dtype, "'");

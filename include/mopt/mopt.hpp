@@ -17,6 +17,7 @@
 #include "mopt/train/sgd.hpp"
 #include "mopt/train/adamw.hpp"
 #include "mopt/train/grad_clip.hpp"
+#include "mopt/train/step.hpp"
 #include "mopt/train/schedule.hpp"
 #include "mopt/train/checkpoint.hpp"
 #include "mopt/train/progress.hpp"

@@ -52,6 +52,12 @@ inline void write_text_atomically(const std::filesystem::path& file, const std::
     if (ec) std::filesystem::remove(tmp, ec);
     check(!ec, "checkpoint: cannot move ", tmp.string(), " to ", file.string());
 }
+// An optimizer whose state may live on a device (train::AdamW::fetch) brings it to the host.
+template <class Optimizer>
+void fetch_state(const Optimizer& o) {
+    if constexpr (requires { o.fetch(); }) o.fetch();
+}
+
 }  // namespace detail
 
 // Saves parameters, every optimizer's state (in order) and `state` as run_dir/step-NNNNNN; keeps the
@@ -67,6 +73,7 @@ std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir, cons
     const fs::path tmp = run_dir / (".tmp-" + name + "-" + std::to_string(rd()));
     fs::create_directories(tmp);
     try {
+        (detail::fetch_state(optimizers), ...);  // a device that runs the optimizer: its state, here first
         std::map<std::string, Tensor> tensors;
         for (auto* p : params) {
             check(!tensors.contains(p->name()), "save_checkpoint: two parameters are named '", p->name(), "'");

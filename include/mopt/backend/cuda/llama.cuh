@@ -14,10 +14,11 @@
 // runs, only the chain of input gradients (llm.c's backward with every dW line removed): dgrad
 // GEMMs dX = dY·W, the norm, RoPE, SwiGLU and attention backwards, and the residual adds.
 //
-// backward_weights() (pretraining, dense models, no prompt) adds the weight gradients, all f32 in
+// backward_weights() (pretraining, no prompt) adds the weight gradients, all f32 in
 // one block (weight_gradient_layout(): Hugging Face names, offsets, sizes): per projection one wgrad
 // GEMM dW = dYᵀ·X (bf16 inputs, f32 output), the norms' gains in their backward pass, the head's
-// [V, d] GEMM and the embedding rows by atomic scatter-add (tied: into the same block). The GEMM
+// [V, d] GEMM and the embedding rows by atomic scatter-add (tied: into the same block); Switch
+// layers' routers and experts in DeviceSwitchFFN::backward (per-expert wgrads over the sorted rows). The GEMM
 // inputs the frozen backward never needed — norm(x), norm(x_mid) and silu(gate) ⊙ up — are
 // recomputed from what the forward saved (x, x_mid, gate|up) instead of kept: no extra memory.
 // update_weights() uploads changed host weights into the same buffers (an optimizer step on the host).
@@ -387,30 +388,51 @@ public:
     }
 
     // The weight gradients of backward_weights(): one f32 block, each weight's part named as the CPU
-    // model's parameter (model.layers.{l}.self_attn.q_proj.weight, …) with its offset and size.
+    // model's parameter (model.layers.{l}.self_attn.q_proj.weight, …) with its offset and size, and
+    // the weight it belongs to on the device: `gain` (the f32 norm gains) or `weight` (in T; q, k, v
+    // and gate, up inside their stacked buffers) — an optimizer on the device writes through them.
     struct WeightGradient {
         std::string name;
         std::int64_t offset = 0, count = 0;
+        float* gain = nullptr;
+        T* weight = nullptr;
     };
-    [[nodiscard]] std::vector<WeightGradient> weight_gradient_layout() const {
+    [[nodiscard]] std::vector<WeightGradient> weight_gradient_layout() {
         const std::int64_t d = config_.d_model, F = config_.d_ff, q = config_.n_heads * config_.head_dim(),
                            kv = config_.kv_heads() * config_.head_dim();
-        std::vector<WeightGradient> out{{"model.embed_tokens.weight", grads_.embed, config_.vocab_size * d}};
+        std::vector<WeightGradient> out{
+            {"model.embed_tokens.weight", grads_.embed, config_.vocab_size * d, nullptr, embed_tokens_.data()}};
         for (std::size_t l = 0; l < grads_.layers.size(); ++l) {
             const LayerGradients& g = grads_.layers[l];
+            LayerWeights& w = layers_[l];
             const std::string p = "model.layers." + std::to_string(l) + ".";
-            out.push_back({p + "input_layernorm.weight", g.attn_norm, d});
-            out.push_back({p + "self_attn.q_proj.weight", g.qkv, q * d});
-            out.push_back({p + "self_attn.k_proj.weight", g.qkv + q * d, kv * d});
-            out.push_back({p + "self_attn.v_proj.weight", g.qkv + (q + kv) * d, kv * d});
-            out.push_back({p + "self_attn.o_proj.weight", g.o, d * q});
-            out.push_back({p + "post_attention_layernorm.weight", g.ffn_norm, d});
-            out.push_back({p + "mlp.gate_proj.weight", g.gate_up, F * d});
-            out.push_back({p + "mlp.up_proj.weight", g.gate_up + F * d, F * d});
-            out.push_back({p + "mlp.down_proj.weight", g.down, d * F});
+            out.push_back({p + "input_layernorm.weight", g.attn_norm, d, w.attn_norm.data()});
+            out.push_back({p + "self_attn.q_proj.weight", g.qkv, q * d, nullptr, w.qkv_proj.data()});
+            out.push_back({p + "self_attn.k_proj.weight", g.qkv + q * d, kv * d, nullptr, w.qkv_proj.data() + q * d});
+            out.push_back({p + "self_attn.v_proj.weight", g.qkv + (q + kv) * d, kv * d, nullptr,
+                           w.qkv_proj.data() + (q + kv) * d});
+            out.push_back({p + "self_attn.o_proj.weight", g.o, d * q, nullptr, w.o_proj.data()});
+            out.push_back({p + "post_attention_layernorm.weight", g.ffn_norm, d, w.ffn_norm.data()});
+            if (w.experts.routed()) {  // Switch layer: the router, then each expert's w1, w3 (stacked) and w2
+                const std::string m = p + "block_sparse_moe.";
+                out.push_back({m + "gate.weight", g.router, config_.num_experts * d, nullptr, w.experts.router.data()});
+                for (std::int64_t e = 0; e < config_.num_experts; ++e) {
+                    const std::string x = m + "experts." + std::to_string(e) + ".";
+                    const std::int64_t gu = e * 2 * F * d, dn = e * d * F;
+                    out.push_back({x + "w1.weight", g.gate_up + gu, F * d, nullptr, w.experts.gate_up.data() + gu});
+                    out.push_back({x + "w3.weight", g.gate_up + gu + F * d, F * d, nullptr,
+                                   w.experts.gate_up.data() + gu + F * d});
+                    out.push_back({x + "w2.weight", g.down + dn, d * F, nullptr, w.experts.down.data() + dn});
+                }
+                continue;
+            }
+            out.push_back({p + "mlp.gate_proj.weight", g.gate_up, F * d, nullptr, w.gate_up_proj.data()});
+            out.push_back({p + "mlp.up_proj.weight", g.gate_up + F * d, F * d, nullptr, w.gate_up_proj.data() + F * d});
+            out.push_back({p + "mlp.down_proj.weight", g.down, d * F, nullptr, w.down_proj.data()});
         }
-        out.push_back({"model.norm.weight", grads_.final_norm, d});
-        if (!config_.tie_embeddings) out.push_back({"lm_head.weight", grads_.lm_head, config_.vocab_size * d});
+        out.push_back({"model.norm.weight", grads_.final_norm, d, final_norm_.data()});
+        if (!config_.tie_embeddings)
+            out.push_back({"lm_head.weight", grads_.lm_head, config_.vocab_size * d, nullptr, lm_head_.data()});
         return out;
     }
     // Values in the weight-gradient block.
@@ -698,13 +720,12 @@ public:
     }
     // d loss / d every weight of the last train- or keep-mode forward (pretraining), enqueued on
     // stream(): dweights: device f32 [weight_gradient_values()], overwritten, laid out as
-    // weight_gradient_layout() says. Dense models without a prompt (K = 0); one backward per forward.
+    // weight_gradient_layout() says. Models without a prompt (K = 0); one backward per forward. Switch
+    // layers: routers and experts too, with set_aux_loss_weight()'s multiple of the auxiliary losses.
     void enqueue_backward_weights(float* dweights) {
         check(dweights != nullptr, "DeviceLlama::backward_weights: the gradient block is null");
         check(shape_.prompt_len == 0, "DeviceLlama::backward_weights: the reserved shape has ", shape_.prompt_len,
               " prompt rows; weight gradients run for the model alone (pretraining)");
-        check(config_.num_experts == 0, "DeviceLlama::backward_weights: the model has Switch layers (",
-              config_.num_experts, " experts); expert and router weight gradients do not run on the GPU yet");
         enqueue_backward(nullptr, dweights);
     }
 
@@ -744,8 +765,13 @@ private:
             const LayerGradients& gl = grads_.layers[l];
             // Feed-forward half, x' = x_mid + down(swiglu(gate, up)): dx_mid = dx' + normᵀ(d gate Wg + d up Wu)
             if (w.experts.routed()) {  // Switch layer: d norm(x_mid) through the experts and the router
+                SwitchWeightGrads<T> sg{.router = at(gl.router), .gate_up = at(gl.gate_up), .down = at(gl.down),
+                                        .x = a.normed.data()};
+                if (dw)  // the experts' input norm(x_mid) again
+                    rms_norm_forward(la.x_mid.data(), w.ffn_norm.data(), a.normed.data(), la.rstd_ffn.data(), N, d,
+                                     eps, stream_);
                 switch_of(layer).backward(switch_index(layer), w.experts.view(), dx, a.d_normed.data(),
-                                          opt_.aux_loss_weight);
+                                          opt_.aux_loss_weight, dw ? &sg : nullptr);
             } else {
                 if (dw) {  // recompute norm(x_mid) and h = silu(gate) ⊙ up; d W_down = dx'ᵀ h, [d, N] [N, F]
                     rms_norm_forward(la.x_mid.data(), w.ffn_norm.data(), a.normed.data(), la.rstd_ffn.data(), N, d,
@@ -934,14 +960,16 @@ private:
 
     // Offsets of each weight's gradient in the block of backward_weights (plan_gradients).
     struct LayerGradients {
-        std::int64_t attn_norm = 0, qkv = 0, o = 0, ffn_norm = 0, gate_up = 0, down = 0;
+        std::int64_t attn_norm = 0, qkv = 0, o = 0, ffn_norm = 0, router = 0, gate_up = 0, down = 0;  // Switch: router,
+                                                                                                  // experts' [E, …]
     };
     struct GradientLayout {
         std::int64_t embed = 0, final_norm = 0, lm_head = 0, total = 0;
         std::vector<LayerGradients> layers;
     };
-    // The block's order: embedding, then per layer attn_norm, q|k|v, o, ffn_norm, gate|up, down (as
-    // the device stores them), then the final norm and the head.
+    // The block's order: embedding, then per layer attn_norm, q|k|v, o, ffn_norm, gate|up, down (a
+    // Switch layer: router [E, d], gate|up [E, 2F, d], down [E, d, F]; as the device stores them), then
+    // the final norm and the head.
     void plan_gradients() {
         const std::int64_t d = config_.d_model, F = config_.d_ff, q = config_.n_heads * config_.head_dim(),
                            kv = config_.kv_heads() * config_.head_dim();
@@ -951,13 +979,14 @@ private:
         grads_.embed = take(config_.vocab_size * d);
         for (std::int64_t l = 0; l < config_.n_layers; ++l) {
             LayerGradients& g = grads_.layers.emplace_back();
-            const bool dense = !config_.has_experts(l);  // Switch layers: no weight gradients yet
+            const std::int64_t experts = config_.has_experts(l) ? config_.num_experts : 0;  // Switch layer
             g.attn_norm = take(d);
             g.qkv = take((q + 2 * kv) * d);
             g.o = take(d * q);
             g.ffn_norm = take(d);
-            g.gate_up = take(dense ? 2 * F * d : 0);
-            g.down = take(dense ? d * F : 0);
+            g.router = take(experts * d);
+            g.gate_up = take(std::max<std::int64_t>(experts, 1) * 2 * F * d);
+            g.down = take(std::max<std::int64_t>(experts, 1) * d * F);
         }
         grads_.final_norm = take(d);
         grads_.lm_head = take(config_.tie_embeddings ? 0 : config_.vocab_size * d);

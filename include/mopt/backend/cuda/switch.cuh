@@ -30,7 +30,7 @@
 //   → plan (one block: offsets, segments, chunk → weight pointers, statistics) → assign (slot of each
 //   row, the permutation) → gather rows [P, d] (16-byte loads, padding rows zero) → batched GEMM
 //   gate|up [P, 2F] → SwiGLU [P, F] → batched GEMM down [P, d] → combine: out = residual + p·y[slot].
-// Backward (frozen weights, dX only):
+// Backward (dX; with dw, pretraining, also every weight's gradient — see backward()):
 //   gather d_out rows scaled by p, and dgate[r] = d_out[r] · E_i(x[r]) (block reduction) → batched
 //   dgrad GEMM [P, d]·W_down → [P, F] → SwiGLU backward in place over gate|up → batched dgrad GEMM
 //   [P, 2F]·W_gate|up → [P, d] → input gradient: dx[r] = dX_sorted[slot] + Σ_e dlogits[r, e] W_r[e]
@@ -91,6 +91,17 @@ struct SwitchWeights {
     const T* router = nullptr;   // [E, d]              block_sparse_moe.gate
     const T* gate_up = nullptr;  // [E, 2F, d]: expert e's gate rows (w1), then its up rows (w3)
     const T* down = nullptr;     // [E, d, F]           w2
+};
+
+// Where backward() writes a Switch layer's weight gradients (pretraining; f32, overwritten, laid out
+// as the weights) and the layer input the forward saw (its rows are gathered again for the experts'
+// gradients; the forward's sorted copy is scratch shared by every layer).
+template <DeviceFloat T>
+struct SwitchWeightGrads {
+    float* router = nullptr;   // [E, d]
+    float* gate_up = nullptr;  // [E, 2F, d]
+    float* down = nullptr;     // [E, d, F]
+    const T* x = nullptr;      // [N, d] the forward's x
 };
 
 // Owning buffers of one layer's Switch weights (empty in a dense layer of a model).
@@ -386,7 +397,7 @@ template <class T>
 __global__ void input_grad_kernel(const T* dx_sorted, const std::int32_t* slot, const std::int32_t* expert,
                                   const float* logits, const float* lse, const float* dgate,
                                   const std::int32_t* assigned, const T* router, T* dx, int experts, int d,
-                                  float balance_grad, float z_grad) {
+                                  float balance_grad, float z_grad, T* dlogits_out) {
     extern __shared__ float dlogits[];
     const std::int64_t r = blockIdx.x;
     const int s = slot[r];
@@ -404,6 +415,7 @@ __global__ void input_grad_kernel(const T* dx_sorted, const std::int32_t* slot, 
             const float p = expf(row[j] - l);
             const float g = balance_grad * static_cast<float>(assigned[j]) + (j == chosen ? gate : 0.0f);
             dlogits[j] = p * (g - dot) + z_grad * l * p;
+            if (dlogits_out != nullptr) dlogits_out[r * experts + j] = from_f32<T>(dlogits[j]);
         }
     }
     __syncthreads();
@@ -515,6 +527,7 @@ public:
         tile_counts_ = array(std::int32_t{}, tiles_ * E);
         tile_sums_ = array(float{}, tiles_ * (E + 2));
         dgate_ = array(float{}, rows);
+        d_logits_ = array(T{}, rows * E);
         sorted_in_ = array(T{}, padded_ * d);
         act_ = array(T{}, padded_ * F);
         d_sorted_out_ = array(T{}, padded_ * d);
@@ -587,7 +600,11 @@ public:
     // dx = d loss / d x of the layer's last forward, given d_out = d loss / d Switch(x), with the
     // objective's aux_weight · aux (0: no auxiliary gradient). Consumes the saved gate|up (they become
     // their gradients): one backward per forward. d_out, dx: [N, d] (distinct)
-    void backward(std::int64_t layer, const SwitchWeights<T>& w, const T* d_out, T* dx, float aux_weight) {
+    // dw (pretraining): also the weights' gradients — per expert dW_down = dyᵀ·h and dW_gate|up =
+    // d(gate|up)ᵀ·x over its segment of the sorted rows (h = silu(gate) ⊙ up recomputed; the segments'
+    // bounds are read back, one small synchronising copy), and the router's dW_r = dlogitsᵀ·x.
+    void backward(std::int64_t layer, const SwitchWeights<T>& w, const T* d_out, T* dx, float aux_weight,
+                  const SwitchWeightGrads<T>* dw = nullptr) {
         using namespace switch_detail;
         check(layer >= 0 && layer < layers() && d_out && dx && w.router && w.gate_up && w.down,
               "DeviceSwitchFFN::backward: layer ", layer, " of ", layers(), " or a null pointer");
@@ -597,6 +614,27 @@ public:
         s.forwarded = false;
         const std::int64_t N = rows_, E = c_.experts, d = c_.d_model, F = c_.d_ff;
         const int row_vecs = static_cast<int>(d) / vec_width<T>;
+        std::vector<std::int32_t> segment;
+        if (dw != nullptr) {
+            check(dw->router && dw->gate_up && dw->down && dw->x, "DeviceSwitchFFN::backward: a null weight-gradient pointer");
+            swiglu_forward_packed(s.hidden.data(), act_.data(), padded_, F, stream_, s.segment.data() + E);  // h again
+            segment.resize(static_cast<std::size_t>(E + 1));
+            check_cuda(cudaMemcpyAsync(segment.data(), s.segment.data(), segment.size() * sizeof(std::int32_t),
+                                       cudaMemcpyDeviceToHost, stream_),
+                       "cudaMemcpyAsync (DeviceSwitchFFN segments)");
+            check_cuda(cudaMemsetAsync(dw->gate_up, 0, static_cast<std::size_t>(E * 2 * F * d) * sizeof(float), stream_),
+                       "cudaMemsetAsync (DeviceSwitchFFN expert gradients)");
+            check_cuda(cudaMemsetAsync(dw->down, 0, static_cast<std::size_t>(E * d * F) * sizeof(float), stream_),
+                       "cudaMemsetAsync (DeviceSwitchFFN expert gradients)");
+            check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (DeviceSwitchFFN segments)");
+        }
+        // expert e's sorted rows [segment[e], segment[e + 1]) (segment[E]: the rows in use)
+        auto per_expert = [&](auto&& f) {
+            for (std::int64_t e = 0; e < E; ++e) {
+                const std::int64_t begin = segment[static_cast<std::size_t>(e)], end = segment[static_cast<std::size_t>(e + 1)];
+                if (end > begin) f(e, begin, end - begin);
+            }
+        };
         gather_grad_kernel<<<static_cast<int>(padded_), vector_threads(row_vecs), 0, stream_>>>(
             d_out, s.perm.data(), s.prob.data(), s.out.data(), d_sorted_out_.data(), dgate_.data(),
             static_cast<int>(d));
@@ -606,17 +644,32 @@ public:
         // d act = dy W_down, [M, d] -> [M, F]; SwiGLU backward in place; dx_sorted = d(gate|up) W_{gate|up}, [M, 2F] -> [M, d]
         gemm_pointer_batched(false, c_.chunk_rows, F, d, sp + 2 * chunks_, d, lp + 3 * chunks_, F, sp + 3 * chunks_, F,
                              dtype, compute_, chunks_, stream_);
+        if (dw != nullptr)  // d W_down[e] = dy[seg]ᵀ h[seg], [d, rows] [rows, F]
+            per_expert([&](std::int64_t e, std::int64_t begin, std::int64_t rows) {
+                weight_grad(d_sorted_out_.data() + begin * d, act_.data() + begin * F, dw->down + e * d * F, rows, d, F);
+            });
         swiglu_backward_packed(s.hidden.data(), d_act_.data(), s.hidden.data(), padded_, F, stream_,
                                s.segment.data() + E);
         gemm_pointer_batched(false, c_.chunk_rows, d, 2 * F, lp, 2 * F, lp + 2 * chunks_, d, sp + 4 * chunks_, d, dtype,
                              compute_, chunks_, stream_);
+        if (dw != nullptr) {  // x gathered again; d W_gate|up[e] = d(gate|up)[seg]ᵀ x[seg], [2F, rows] [rows, d]
+            gather_rows_kernel<<<static_cast<int>(padded_), vector_threads(row_vecs), 0, stream_>>>(
+                dw->x, s.perm.data(), sorted_in_.data(), static_cast<int>(d));
+            check_launch("switch gather (weight gradients)", "[", padded_, ", ", d, "]");
+            per_expert([&](std::int64_t e, std::int64_t begin, std::int64_t rows) {
+                weight_grad(s.hidden.data() + begin * 2 * F, sorted_in_.data() + begin * d, dw->gate_up + e * 2 * F * d,
+                            rows, 2 * F, d);
+            });
+        }
         const float n = static_cast<float>(N);
         const float balance_grad = aux_weight * c_.aux_loss_coef * static_cast<float>(E) / (n * n);
         const float z_grad = aux_weight * c_.z_loss_coef * 2.0f / n;
         input_grad_kernel<<<static_cast<int>(N), vector_threads(row_vecs), static_cast<std::size_t>(E) * 4, stream_>>>(
             d_sorted_in_.data(), s.slot.data(), s.expert.data(), s.logits.data(), s.lse.data(), dgate_.data(),
-            s.counts.data(), w.router, dx, static_cast<int>(E), static_cast<int>(d), balance_grad, z_grad);
+            s.counts.data(), w.router, dx, static_cast<int>(E), static_cast<int>(d), balance_grad, z_grad,
+            dw != nullptr ? d_logits_.data() : nullptr);
         check_launch("switch input gradient", "[", N, ", ", d, "]");
+        if (dw != nullptr) weight_grad(d_logits_.data(), dw->x, dw->router, N, E, d);  // d W_r = dlogitsᵀ x, [E, d]
     }
 
     // Every layer's routing in its last forward (synchronises the stream).
@@ -660,6 +713,13 @@ private:
         bool forwarded = false;
     };
 
+    // dw = dyᵀ x (f32): the weight gradient of y = x wᵀ. dy: [rows, out], x: [rows, in] -> dw: f32 [out, in]
+    void weight_grad(const T* dy, const T* x, float* dw, std::int64_t rows, std::int64_t out, std::int64_t in) const {
+        gemm({.trans_a = true, .trans_b = false, .m = out, .n = in, .k = rows, .alpha = 1.0f, .beta = 0.0f, .a = dy,
+              .lda = out, .b = x, .ldb = in, .c = dw, .ldc = in, .ab_type = dtype, .c_type = DType::f32,
+              .compute = compute_, .stream = stream_});
+    }
+
     // dst[i] = the i-th chunk of a [P, ld] array of T.
     void fill_pointers(void** dst, T* base, std::int64_t ld) {
         switch_detail::chunk_pointers_kernel<<<static_cast<int>(ceil_div(chunks_, 256)), 256, 0, stream_>>>(
@@ -674,6 +734,7 @@ private:
     std::vector<Saved> saved_;
     DeviceArray<std::int32_t> rank_, tile_counts_;  // [N]; [tiles, E] (then each tile's first ranks)
     DeviceArray<float> tile_sums_, dgate_;          // [tiles, E + 2]; [N]
+    DeviceArray<T> d_logits_;                       // [N, E] the router logits' gradient (weight gradients)
     DeviceArray<T> sorted_in_, act_, d_sorted_out_, d_act_, d_sorted_in_;  // [P, d|F]
     DeviceArray<void*> scratch_pointers_;           // [5, chunks]: their chunks, in that order
 };
