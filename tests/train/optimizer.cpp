@@ -101,3 +101,71 @@ TEST_CASE("optimizer state saves and restores exactly", "[optim]") {
     std::stringstream truncated(state.str().substr(0, 40));
     REQUIRE_THROWS_WITH(resumed.load(truncated), Catch::Contains("truncated"));
 }
+
+TEST_CASE("train::step clips by the optimizers' global norm, then steps each", "[optim]") {
+    Parameter a("a", Tensor::full({2}, 1.0f)), b("b", Tensor::full({1}, 1.0f));
+    Parameter a2("a", Tensor::full({2}, 1.0f)), b2("b", Tensor::full({1}, 1.0f));
+    train::AdamW oa({&a}, {.lr = 0.1f}), ob({&b}, {.lr = 0.1f, .weight_decay = 0.0f});
+    train::SGD sa({&a2}, {.lr = 1.0f}), sb({&b2}, {.lr = 1.0f});
+    struct NoModel {} model;  // a model without its own optimizer_step: the host's clip and steps
+    a2.grad().at(0) = 3.0f;
+    b2.grad().at(0) = 4.0f;
+    REQUIRE(train::step(model, 1.0, sa, sb) == Approx(5.0));
+    REQUIRE(a2.value().at(0) == Approx(1.0f - 0.6f));  // SGD moves by the clipped gradient
+    REQUIRE(b2.value().at(0) == Approx(1.0f - 0.8f));
+    REQUIRE(a2.grad().at(0) == 0.0f);
+    a2.grad().at(0) = 3.0f;
+    b2.grad().at(0) = 4.0f;
+    REQUIRE(train::step(model, 0.0, sa, sb) == Approx(5.0));  // max_norm 0: measured, not clipped
+    REQUIRE(a2.value().at(0) == Approx(0.4f - 3.0f));
+    a.grad().at(0) = 1.0f;
+    REQUIRE(train::step(model, 1.0, oa, ob) == Approx(1.0));
+    REQUIRE(oa.steps() == 1);
+    REQUIRE(ob.steps() == 1);
+}
+
+// A model that runs its own step (as Transformer<…, backend::Cuda> pretraining does) gets the call.
+TEST_CASE("train::step hands the step to a model's optimizer_step", "[optim]") {
+    struct OwnStep {
+        int calls = 0;
+        double optimizer_step(double max_norm, train::AdamW&) { return ++calls + max_norm; }
+    } model;
+    Parameter a("a", Tensor::full({1}, 1.0f));
+    train::AdamW opt({&a});
+    REQUIRE(train::step(model, 0.5, opt) == Approx(1.5));
+    REQUIRE(model.calls == 1);
+    REQUIRE(opt.steps() == 0);
+}
+
+// The contract a device keeps with an AdamW whose state it holds (Transformer<…, Cuda>'s device
+// optimizer): reads fetch, load releases without fetching, the host step is refused, and
+// destroying or moving the optimizer brings the state home (release with fetch).
+TEST_CASE("AdamW with its state on a device: fetch, release and refusal", "[optim]") {
+    Parameter p("p", Tensor::full({2}, 1.0f));
+    int fetched = 0, released_home = 0, released_dropped = 0;
+    auto residence = [&] {
+        return train::AdamW::Residence{.fetch = [&] { ++fetched; },
+                                       .release = [&](bool fetch_first) { ++(fetch_first ? released_home : released_dropped); }};
+    };
+    std::stringstream saved;
+    {
+        train::AdamW opt({&p});
+        opt.attach(residence());
+        REQUIRE(opt.attached());
+        REQUIRE_THROWS_WITH(opt.step(), Catch::Contains("train::step"));
+        opt.save(saved);  // reads the state: fetched first
+        REQUIRE(fetched == 1);
+        const std::string text = saved.str();
+        std::istringstream in(text);
+        opt.load(in);  // the host's state replaces the device's: released without fetching, detached
+        REQUIRE(released_dropped == 1);
+        REQUIRE_FALSE(opt.attached());
+        opt.attach(residence());
+        train::AdamW moved(std::move(opt));  // the moved-from optimizer brings its state home
+        REQUIRE(released_home == 1);
+        REQUIRE_FALSE(moved.attached());
+        moved.attach(residence());
+    }  // destroyed while attached: home again
+    REQUIRE(released_home == 2);
+    REQUIRE(released_dropped == 1);
+}
