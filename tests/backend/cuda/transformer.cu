@@ -160,16 +160,39 @@ bool same_routing(const nn::ForwardOutput& g, const nn::ForwardOutput& c) {
     return true;
 }
 
+// The CPU model and its CUDA twin without a prompt (pretraining): the same random weights (bf16:
+// rounded to bf16 values on both) and their parameters in the same order.
+template <class FFN, class Gpu>
+struct Twins {
+    Model<FFN, prompt::None, backend::Cpu> cpu;
+    Model<FFN, prompt::None, Gpu> gpu;
+    std::vector<autodiff::Parameter*> pc, pg;
+    explicit Twins(const nn::ModelConfig& c) : cpu(c, 5), gpu(c, 5) {
+        cuda_test::randomize(cpu, 11, Gpu::storage == DType::bf16);
+        cuda_test::randomize(gpu, 11, Gpu::storage == DType::bf16);
+        cpu.visit_parameters([&](autodiff::Parameter& p) { pc.push_back(&p); });
+        gpu.visit_parameters([&](autodiff::Parameter& p) { pg.push_back(&p); });
+    }
+};
+
+// Every weight of the GPU model's host copy within tol of the CPU model's; returns the worst error.
+double check_weights(const std::vector<autodiff::Parameter*>& pc, const std::vector<autodiff::Parameter*>& pg,
+                     double tol, const char* what, const char* when) {
+    double worst = 0.0;
+    for (std::size_t i = 0; i < pc.size(); ++i) {
+        const double e = cuda_test::relative_error(pg[i]->value().span(), pc[i]->value().span());
+        worst = std::max(worst, e);
+        CUDA_CHECK(e <= tol, what, ": ", pc[i]->name(), " ", when, " off by ", e, " > ", tol);
+    }
+    return worst;
+}
+
 template <class Gpu, class FFN = Dense>
 void check_pretraining(const nn::ModelConfig& c, PretrainTolerance tol, const char* what) {
-    const bool bf16 = Gpu::storage == DType::bf16;
-    Model<FFN, prompt::None, backend::Cpu> cpu(c, 5);
-    Model<FFN, prompt::None, Gpu> gpu(c, 5);
-    cuda_test::randomize(cpu, 11, bf16);
-    cuda_test::randomize(gpu, 11, bf16);
-    std::vector<autodiff::Parameter*> pc, pg;
-    cpu.visit_parameters([&](autodiff::Parameter& p) { pc.push_back(&p); });
-    gpu.visit_parameters([&](autodiff::Parameter& p) { pg.push_back(&p); });
+    Twins<FFN, Gpu> t(c);
+    auto& cpu = t.cpu;
+    auto& gpu = t.gpu;
+    const std::vector<autodiff::Parameter*>&pc = t.pc, &pg = t.pg;
     const train::AdamWOptions ao{.lr = 2e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f};
     train::AdamW oc(pc, ao), og(pg, ao);
     double worst_grad = 0.0;
@@ -200,12 +223,7 @@ void check_pretraining(const nn::ModelConfig& c, PretrainTolerance tol, const ch
         oc.step();
         og.step();
     }
-    double worst_weight = 0.0;
-    for (std::size_t i = 0; i < pc.size(); ++i) {
-        const double e = cuda_test::relative_error(pg[i]->value().span(), pc[i]->value().span());
-        worst_weight = std::max(worst_weight, e);
-        CUDA_CHECK(e <= tol.weights, what, ": ", pc[i]->name(), " after three steps off by ", e, " > ", tol.weights);
-    }
+    const double worst_weight = check_weights(pc, pg, tol.weights, what, "after three steps");
     autodiff::NoGrad no_grad;
     autodiff::Tape tc, tg;
     const data::Batch b = batch_of(c.vocab_size, 50, 1);
@@ -226,19 +244,15 @@ void check_pretraining(const nn::ModelConfig& c, PretrainTolerance tol, const ch
 template <class Gpu, class FFN = Dense>
 void check_device_optimizer(const nn::ModelConfig& c, PretrainTolerance tol, const char* what) {
     const bool bf16 = Gpu::storage == DType::bf16;
-    Model<FFN, prompt::None, backend::Cpu> cpu(c, 5);
-    Model<FFN, prompt::None, Gpu> gpu(c, 5);
-    cuda_test::randomize(cpu, 11, bf16);
-    cuda_test::randomize(gpu, 11, bf16);
-    std::vector<autodiff::Parameter*> pc, pg, mc, mg, nc, ng;
-    cpu.visit_parameters([&](autodiff::Parameter& p) {
-        pc.push_back(&p);
-        (p.value().rank() >= 2 ? mc : nc).push_back(&p);
-    });
-    gpu.visit_parameters([&](autodiff::Parameter& p) {
-        pg.push_back(&p);
-        (p.value().rank() >= 2 ? mg : ng).push_back(&p);
-    });
+    Twins<FFN, Gpu> t(c);
+    auto& cpu = t.cpu;
+    auto& gpu = t.gpu;
+    const std::vector<autodiff::Parameter*>&pc = t.pc, &pg = t.pg;
+    std::vector<autodiff::Parameter*> mc, mg, nc, ng;  // matrices (weight decay) and norm gains
+    for (std::size_t i = 0; i < pc.size(); ++i) {
+        (pc[i]->value().rank() >= 2 ? mc : nc).push_back(pc[i]);
+        (pg[i]->value().rank() >= 2 ? mg : ng).push_back(pg[i]);
+    }
     const train::AdamWOptions ao{.lr = 2e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f};
     train::AdamWOptions plain = ao;
     plain.weight_decay = 0.0f;
@@ -272,12 +286,7 @@ void check_device_optimizer(const nn::ModelConfig& c, PretrainTolerance tol, con
     }
     std::filesystem::remove_all(dir);
     og.fetch();
-    double worst = 0.0;
-    for (std::size_t i = 0; i < pc.size(); ++i) {
-        const double e = cuda_test::relative_error(pg[i]->value().span(), pc[i]->value().span());
-        worst = std::max(worst, e);
-        CUDA_CHECK(e <= tol.weights, what, ": ", pc[i]->name(), " after six steps off by ", e, " > ", tol.weights);
-    }
+    const double worst = check_weights(pc, pg, tol.weights, what, "after six steps");
     // The first moments average the gradients: f32 as the weights; bf16 5e-2 (each step's bf16
     // gradient is within llama.cu's 3e-2, and six steps along the two models' paths drift apart: 3.8e-2 seen)
     const double moment_tol = bf16 ? 5e-2 : tol.weights;
@@ -307,13 +316,10 @@ MOPT_CUDA_TEST(transformer_cuda_device_optimizer_matches_cpu) {
 // in every layer; on it the loss, aux loss and every parameter's gradient agree within the bf16
 // tolerances of check_pretraining.
 void check_switch_bf16_step(const nn::ModelConfig& c) {
-    Model<Switch, prompt::None, backend::Cpu> cpu(c, 5);
-    Model<Switch, prompt::None, backend::CudaBf16> gpu(c, 5);
-    cuda_test::randomize(cpu, 11, true);
-    cuda_test::randomize(gpu, 11, true);
-    std::vector<autodiff::Parameter*> pc, pg;
-    cpu.visit_parameters([&](autodiff::Parameter& p) { pc.push_back(&p); });
-    gpu.visit_parameters([&](autodiff::Parameter& p) { pg.push_back(&p); });
+    Twins<Switch, backend::CudaBf16> t(c);
+    auto& cpu = t.cpu;
+    auto& gpu = t.gpu;
+    const std::vector<autodiff::Parameter*>&pc = t.pc, &pg = t.pg;
     std::uint64_t seed = 40;
     for (;; ++seed) {
         CUDA_CHECK(seed < 80, "Switch bf16: no batch of 40 routed alike on the GPU and the CPU");
